@@ -1,0 +1,195 @@
+"""Configuration: one validated ``Settings`` object for every mailroom program.
+
+Sources, highest priority first: ``MAILROOM_*`` environment variables (nested keys with
+``__``, e.g. ``MAILROOM_SMTP__MAX_RECIPIENTS``), then the TOML file at ``$CONFIG_PATH``
+(default ``/etc/mailroom/config.toml``), then the defaults below. ``load_settings`` turns
+every problem into a ``ConfigError`` that names the key and the file; it never lets a
+pydantic traceback reach the admin.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mailroom.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/mailroom/config.toml")
+ENV_PREFIX = "MAILROOM_"
+
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Section):
+    """Certificate and key in use; empty means ``{data_dir}/tls/fullchain.pem``/``privkey.pem``."""
+
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class SMTPSettings(_Section):
+    """Limits and timeouts of the SMTP servers."""
+
+    max_recipients: int = Field(default=100, ge=1, le=10_000)
+    max_connections: int = Field(default=200, ge=1)
+    max_connections_per_ip: int = Field(default=10, ge=1)
+    # RFC 5321 4.5.3.2.7: the server timeout is at least 5 minutes.
+    timeout_seconds: float = Field(default=300, ge=300)
+    # RFC 5321 4.5.3.1.6: 1000 octets including CRLF (plus the transparency dot).
+    max_line_length: int = Field(default=1000, ge=1000, le=65536)
+    max_received_headers: int = Field(default=50, ge=10, le=500)
+
+
+class DNSSettings(_Section):
+    """Where DNS questions go; empty means the system resolver."""
+
+    nameservers: list[str] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with defaults a home server can run on."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    hostname: str
+    data_dir: Path = Path("/var/lib/mailroom")
+    idle_exit_seconds: float = Field(default=60, ge=0)
+    shutdown_grace_seconds: float = Field(default=30, ge=0)
+    message_size_limit: int = Field(default=25 * 1024 * 1024, ge=1024, le=1024**3)
+    log_level: str = "INFO"
+    tls: TLSSettings = TLSSettings()
+    smtp: SMTPSettings = SMTPSettings()
+    dns: DNSSettings = DNSSettings()
+
+    @field_validator("hostname")
+    @classmethod
+    def _check_hostname(cls, value: str) -> str:
+        value = value.strip().rstrip(".").lower()
+        if not _HOSTNAME_RE.match(value) or "." not in value:
+            raise ValueError("must be a fully qualified host name such as mail.example.org")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _check_data_dir(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init arguments; the environment overrides them.
+        return env_settings, init_settings
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.tls.cert or self.data_dir / "tls" / "fullchain.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.tls.key or self.data_dir / "tls" / "privkey.pem"
+
+    @property
+    def auth_db(self) -> Path:
+        return self.data_dir / "auth.sqlite3"
+
+    @property
+    def mail_root(self) -> Path:
+        return self.data_dir / "mail"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets masked, derived paths filled."""
+        data = _mask(self.model_dump(mode="json"), self)
+        data["tls"]["cert"] = str(self.tls_cert)
+        data["tls"]["key"] = str(self.tls_key)
+        return data
+
+
+def _mask(data: dict[str, Any], model: BaseModel) -> dict[str, Any]:
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            data[name] = "********" if value.get_secret_value() else ""
+        elif isinstance(value, BaseModel):
+            data[name] = _mask(data[name], value)
+    return data
+
+
+def config_path() -> Path:
+    """The configuration file in force: ``$CONFIG_PATH`` or the default."""
+    return Path(os.environ.get("CONFIG_PATH") or DEFAULT_CONFIG_PATH)
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read, validate and return the configuration, or raise ``ConfigError``."""
+    path = path or config_path()
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found (set CONFIG_PATH?)") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: cannot read the configuration file (permission denied)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a configuration file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8") from None
+    try:
+        return Settings(**data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, path)) from None
+
+
+def _describe(err: ValidationError, path: Path) -> str:
+    lines = [f"{path}: invalid configuration:"]
+    for problem in err.errors():
+        loc = [str(part) for part in problem["loc"]]
+        key = ".".join(loc) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif problem["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
+        env_name = ENV_PREFIX + "__".join(loc).upper()
+        where = f" (from environment variable {env_name})" if env_name in os.environ else ""
+        lines.append(f"  {key}: {message}{where}")
+    return "\n".join(lines)
