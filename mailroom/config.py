@@ -165,7 +165,9 @@ def load_settings(path: Path | None = None) -> Settings:
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found (set CONFIG_PATH?)") from None
     except PermissionError:
-        raise ConfigError(f"{path}: cannot read the configuration file (permission denied)") from None
+        raise ConfigError(
+            f"{path}: cannot read the configuration file (permission denied)"
+        ) from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a configuration file") from None
     except tomllib.TOMLDecodeError as err:

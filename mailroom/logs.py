@@ -49,7 +49,9 @@ def setup_logging(program: str, level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{program}[%(process)d]: %(levelname)s %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(f"{program}[%(process)d]: %(levelname)s %(message)s")
+        )
     handler.addFilter(RedactFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
