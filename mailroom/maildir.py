@@ -1,0 +1,394 @@
+"""The Maildir++ message store: crash-safe delivery into ``{mail_root}/{domain}/{localpart}/``.
+
+What this module owns: the on-disk layout of a mailbox and the one code path that puts a
+message into it. What it promises:
+
+* **Layout.** A mailbox is a Maildir++ root (``cur/ new/ tmp/``); a folder ``Name`` is the
+  subdirectory ``.Name/`` with its own ``cur/ new/ tmp/`` and an empty ``maildirfolder`` marker,
+  so mutt and Dovecot read the tree as it is. Directories are created mode 0700 and files mode
+  0600 (the umask can only narrow these). Everything is created on demand and ``create`` is
+  idempotent and safe to race against itself.
+* **Format.** Messages arrive with CRLF line ends and are stored with LF (the Maildir
+  convention and Dovecot's default). The file name is
+  ``{sec}.M{usec}P{pid}R{16 hex}.{host},S={bytes on disk},W={bytes with CRLF}`` (Maildir++
+  sizes, so POP3/IMAP can report wire sizes without reading the file). Files in ``new/`` carry
+  no ``:2,`` info.
+* **Durability.** ``deliver``/``deliver_all`` return only after the message is on stable
+  storage: written to ``tmp/`` with ``O_EXCL``, fsynced, hard-linked into ``new/`` (never over
+  an existing name), and ``new/`` fsynced (qmail maildir(5); OpenSMTPD ``mail.maildir``). A
+  reader never sees a partial file in ``new/``. Any ``OSError`` becomes
+  ``DeliveryError(permanent=False)`` naming the step that failed, and this call's ``tmp/``
+  files are removed. A crash or error after a link may leave a copy that the retry duplicates;
+  nothing acknowledged is ever lost.
+* **Quota** is not checked on delivery; ``check_quota`` is for the SMTP server to call
+  before it accepts a message.
+
+The outside world is injected: ``fsync`` (to count or fail it in tests) and ``unique``
+(the generator of unique names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from mailroom.addresses import Address
+from mailroom.errors import DeliveryError, QuotaExceededError
+
+log = logging.getLogger(__name__)
+
+SUBDIRS = ("cur", "new", "tmp")  # tmp last: a maildir with tmp/ is complete
+FOLDER_MARKER = "maildirfolder"  # Maildir++: marks a folder for Courier/Dovecot
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+MAX_FOLDER_NAME = 100
+LINK_ATTEMPTS = 5
+
+_FOLDER_RE = re.compile(r"^[A-Za-z0-9_-](?:[A-Za-z0-9 _-]*[A-Za-z0-9_-])?$")
+_SIZE_RE = re.compile(r",S=(\d+)")
+_TMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+FsyncFunc = Callable[[int], None]
+UniqueFunc = Callable[[], str]
+
+
+def escape_hostname(hostname: str) -> str:
+    """The hostname as a file-name component.
+
+    maildir(5): "/" becomes "\\057" and ":" becomes "\\072". "," also becomes "\\054" so that
+    the Maildir++ ``,S=`` field that follows can always be found.
+    """
+    return hostname.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+
+
+def unique_name_generator(hostname: str) -> UniqueFunc:
+    """A function returning ``{sec}.M{usec}P{pid}R{16 hex random}.{host}`` on every call.
+
+    maildir(5) and Dovecot: time, microseconds and pid; the 64 random bits make names from
+    threads of one process in the same microsecond distinct too. The pid is read on every call
+    so that forked children do not repeat their parent's names.
+    """
+    host = escape_hostname(hostname)
+
+    def unique() -> str:
+        now = time.time_ns()
+        sec, usec = now // 1_000_000_000, now // 1_000 % 1_000_000
+        return f"{sec}.M{usec}P{os.getpid()}R{secrets.token_hex(8)}.{host}"
+
+    return unique
+
+
+def to_lf(message: bytes) -> bytes:
+    """The message with CRLF line ends turned into LF, as stored on disk."""
+    return message.replace(b"\r\n", b"\n")
+
+
+def wire_size(stored: bytes) -> int:
+    """Size of a stored (LF) message with CRLF line ends: Maildir++ ``W=``."""
+    return len(stored) + stored.count(b"\n")
+
+
+def validate_folder(folder: str) -> None:
+    """Refuse a folder name that is not letters, digits, space, ``-`` and ``_``.
+
+    No dots (the Maildir++ hierarchy separator), no slashes, no leading or trailing space,
+    ASCII only (Dovecot stores non-ASCII folder names in modified UTF-7, RFC 3501 5.1.3),
+    and not ``INBOX``, which IMAP reserves for the root. ``""`` is INBOX itself.
+    """
+    if folder == "":
+        return
+    if len(folder) > MAX_FOLDER_NAME or not _FOLDER_RE.match(folder) or folder.upper() == "INBOX":
+        raise DeliveryError(
+            f"invalid folder name {folder!r}: use letters, digits, space, '-' and '_'",
+            permanent=True,
+        )
+
+
+def _fsync_dir(path: Path, fsync: FsyncFunc) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _failed(root: Path, step: str, exc: OSError) -> DeliveryError:
+    """A temporary ``DeliveryError`` that says which step failed and why (ENOSPC, EDQUOT...)."""
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno or 0, "")
+    detail = f"{reason} ({code})" if code else reason
+    return DeliveryError(f"cannot store message in {root}: {step} failed: {detail}")
+
+
+class Maildir:
+    """One mailbox: a Maildir++ root and its folders."""
+
+    def __init__(
+        self,
+        root: Path,
+        hostname: str,
+        *,
+        fsync: FsyncFunc = os.fsync,
+        unique: UniqueFunc | None = None,
+    ) -> None:
+        self.root = root
+        self.hostname = hostname
+        self.fsync = fsync
+        self.unique = unique or unique_name_generator(hostname)
+
+    def __repr__(self) -> str:
+        return f"Maildir({str(self.root)!r})"
+
+    @classmethod
+    def for_address(
+        cls,
+        mail_root: Path,
+        address: Address,
+        hostname: str,
+        *,
+        fsync: FsyncFunc = os.fsync,
+    ) -> Maildir:
+        """The mailbox of ``address``: ``{mail_root}/{domain}/{localpart}``.
+
+        Refuses (permanently) a path that does not resolve to exactly two levels below
+        ``mail_root``; ``Address`` already guarantees safe components, this is the backstop.
+        """
+        root = mail_root / address.domain / address.localpart
+        base = mail_root.resolve()
+        resolved = root.resolve()
+        if not resolved.is_relative_to(base) or len(resolved.relative_to(base).parts) != 2:
+            raise DeliveryError(f"mailbox path for {address} leaves {mail_root}", permanent=True)
+        return cls(root, hostname, fsync=fsync)
+
+    def folder_path(self, folder: str = "") -> Path:
+        """The Maildir++ directory of ``folder`` (``""`` is INBOX, the root)."""
+        validate_folder(folder)
+        return self.root / f".{folder}" if folder else self.root
+
+    def create(self, folder: str = "") -> None:
+        """Create the mailbox and ``folder`` if missing, durably; idempotent."""
+        path = self.folder_path(folder)
+        if folder:
+            self.create()
+        try:
+            changed = self._make_dirs(path)
+            for sub in SUBDIRS:
+                if _mkdir(path / sub):
+                    changed.add(path)
+            if folder and _create_empty(path / FOLDER_MARKER):
+                changed.add(path)
+            # A new directory entry is durable only once its parent is fsynced.
+            for directory in sorted(changed, key=lambda p: len(p.parts), reverse=True):
+                _fsync_dir(directory, self.fsync)
+        except OSError as exc:
+            raise _failed(self.root, f"creating {path}", exc) from exc
+
+    def _make_dirs(self, path: Path) -> set[Path]:
+        """mkdir ``path`` and missing ancestors; return the parents whose entries changed."""
+        missing: list[Path] = []
+        probe = path
+        while not probe.is_dir():
+            missing.append(probe)
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        changed: set[Path] = set()
+        for directory in reversed(missing):
+            if _mkdir(directory):
+                changed.add(directory.parent)
+        return changed
+
+    def usage_bytes(self) -> int:
+        """Bytes used by messages in ``cur/`` and ``new/`` of the root and every folder.
+
+        Reads the Maildir++ ``S=`` from each name and stats only files without one. Not
+        atomic: a message moved from ``new/`` to ``cur/`` meanwhile may count twice, never
+        zero times (``new/`` is listed first).
+        """
+        total = 0
+        for directory in self._message_dirs():
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                match = _SIZE_RE.search(entry.name.partition(":")[0])
+                if match:
+                    total += int(match.group(1))
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # moved or expunged meanwhile
+                    total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def _message_dirs(self) -> Iterator[Path]:
+        folders = [self.root]
+        try:
+            with os.scandir(self.root) as it:
+                folders += [Path(e.path) for e in it if e.name.startswith(".") and e.is_dir()]
+        except FileNotFoundError:
+            return
+        for folder in folders:
+            yield folder / "new"
+            yield folder / "cur"
+
+    def deliver(self, message: bytes, folder: str = "") -> Path:
+        """Store ``message`` (CRLF line ends) durably in ``folder``; return its path in new/."""
+        return deliver_all([(self, folder)], message)[0]
+
+
+def _mkdir(path: Path) -> bool:
+    """mkdir mode 0700; False if a directory is already there (races are fine)."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise NotADirectoryError(
+                errno.ENOTDIR, "exists and is not a directory", str(path)
+            ) from None
+        return False
+    return True
+
+
+def _create_empty(path: Path) -> bool:
+    """Create an empty file mode 0600 unless it exists; True if created."""
+    try:
+        fd = os.open(path, _TMP_FLAGS, FILE_MODE)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _write_tmp(maildir: Maildir, folder_dir: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to ``tmp/name``, fsync and close; the file is removed on failure."""
+    tmp = folder_dir / "tmp" / name
+    fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
+    try:
+        _write_all(fd, data)
+        maildir.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    try:
+        os.close(fd)  # NFS and some FUSE file systems report write errors only here
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _link_new(maildir: Maildir, folder_dir: Path, tmp: Path, suffix: str) -> Path:
+    """Hard-link ``tmp`` into ``new/`` under a name not yet taken; never overwrite."""
+    name = tmp.name
+    for _ in range(LINK_ATTEMPTS):
+        target = folder_dir / "new" / name
+        try:
+            os.link(tmp, target, follow_symlinks=False)
+        except FileExistsError:
+            name = maildir.unique() + suffix
+            continue
+        return target
+    raise FileExistsError(errno.EEXIST, f"no unused name after {LINK_ATTEMPTS} attempts", str(tmp))
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
+
+
+def deliver_all(targets: Sequence[tuple[Maildir, str]], message: bytes) -> list[Path]:
+    """Store one message (CRLF line ends) in every ``(maildir, folder)``; paths in new/.
+
+    Each target gets its own file (no inode shared between mailboxes). All files are written
+    and fsynced before the first link, so an error while writing leaves no copy anywhere; then
+    each is linked into ``new/`` and each distinct ``new/`` directory is fsynced once. On error
+    the ``tmp/`` files of this call are removed and ``DeliveryError(permanent=False)`` raised;
+    copies already linked stay (a retry may duplicate them, never lose one). Duplicate
+    recipients are the caller's to remove.
+    """
+    for _, folder in targets:
+        validate_folder(folder)
+    stored = to_lf(message)
+    suffix = f",S={len(stored)},W={wire_size(stored)}"  # Maildir++ sizes
+    pending: list[tuple[Maildir, Path, Path]] = []  # (maildir, folder dir, tmp file)
+    try:
+        for maildir, folder in targets:
+            folder_dir = maildir.folder_path(folder)
+            tmp = _write_tmp_on_demand(maildir, folder, folder_dir, suffix, stored)
+            pending.append((maildir, folder_dir, tmp))
+        delivered: list[Path] = []
+        to_sync: dict[Path, Maildir] = {}
+        while pending:
+            maildir, folder_dir, tmp = pending[0]
+            try:
+                delivered.append(_link_new(maildir, folder_dir, tmp, suffix))
+            except OSError as exc:
+                raise _failed(maildir.root, f"linking tmp/{tmp.name} into new/", exc) from exc
+            pending.pop(0)
+            _unlink_quietly(tmp)
+            to_sync.setdefault(folder_dir / "new", maildir)
+        for directory, maildir in to_sync.items():
+            try:
+                _fsync_dir(directory, maildir.fsync)
+            except OSError as exc:
+                raise _failed(maildir.root, f"fsync of {directory}", exc) from exc
+    finally:
+        for _, _, tmp in pending:
+            _unlink_quietly(tmp)
+    return delivered
+
+
+def _write_tmp_on_demand(
+    maildir: Maildir, folder: str, folder_dir: Path, suffix: str, data: bytes
+) -> Path:
+    """``_write_tmp`` under a fresh unique name, creating the mailbox or folder if missing."""
+    name = maildir.unique() + suffix
+    try:
+        for _ in range(LINK_ATTEMPTS):
+            try:
+                return _write_tmp(maildir, folder_dir, name, data)
+            except FileNotFoundError:
+                maildir.create(folder)
+                return _write_tmp(maildir, folder_dir, name, data)
+            except FileExistsError:  # maildir(5): a name in use means try another
+                name = maildir.unique() + suffix
+        raise FileExistsError(errno.EEXIST, f"no unused name after {LINK_ATTEMPTS} attempts")
+    except OSError as exc:
+        raise _failed(maildir.root, f"writing tmp/{name}", exc) from exc
+
+
+def check_quota(maildir: Maildir, quota_bytes: int, incoming_size: int) -> None:
+    """Raise ``QuotaExceededError`` if ``incoming_size`` more bytes would exceed the quota.
+
+    ``quota_bytes`` 0 means unlimited. ``incoming_size`` may be the wire (CRLF) size: it is
+    an upper bound of the stored size. RFC 3463 5.2.2: mailbox full.
+    """
+    if quota_bytes <= 0:
+        return
+    used = maildir.usage_bytes()
+    if used + incoming_size > quota_bytes:
+        raise QuotaExceededError(
+            f"mailbox is full: {used} of {quota_bytes} bytes used, message is {incoming_size} bytes"
+        )
