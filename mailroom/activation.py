@@ -1,0 +1,257 @@
+"""Socket activation, the receiving side: take the listening sockets systemd passed and serve them.
+
+What this module owns:
+
+- ``inherited_sockets()`` reads the systemd protocol (``LISTEN_PID``, ``LISTEN_FDS``,
+  ``LISTEN_FDNAMES``; sd_listen_fds(3)) and returns the sockets by fd name.
+- ``serve()`` runs one asyncio loop over those sockets, picks the protocol per fd name,
+  limits connections (in all and per client address), exits by itself after
+  ``idle_exit_seconds`` with no connection open, and on SIGTERM/SIGINT stops accepting and
+  lets open sessions finish for at most ``shutdown_grace_seconds``.
+
+The same code runs under systemd, under ``systemd-socket-activate`` and under mailroom's own
+activator (``mailroom.activator``, used by ``bin/dev`` and the tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mailroom.errors import ActivationError
+
+log = logging.getLogger(__name__)
+
+SD_LISTEN_FDS_START = 3
+
+
+def inherited_sockets(environ: Mapping[str, str] | None = None) -> dict[str, list[socket.socket]]:
+    """The listening sockets passed to this process, grouped by fd name.
+
+    Raises ``ActivationError`` when none were passed (or they were meant for another process).
+    Removes the ``LISTEN_*`` variables so that children do not inherit them.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        raise ActivationError(
+            "no sockets were passed to this process: it is started by systemd socket units "
+            "(or bin/dev, or systemd-socket-activate), which set LISTEN_PID/LISTEN_FDS"
+        )
+    try:
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        raise ActivationError(f"LISTEN_FDS is not a number: {env.get('LISTEN_FDS')!r}") from None
+    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    if environ is None:
+        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(key, None)
+    if count < 1:
+        raise ActivationError("LISTEN_FDS says no sockets were passed")
+    result: dict[str, list[socket.socket]] = {}
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        name = names[i] if i < len(names) else "unknown"
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            raise ActivationError(f"fd {fd} ({name}) is not a socket: {err}") from None
+        os.set_inheritable(fd, False)
+        sock.setblocking(False)
+        result.setdefault(name, []).append(sock)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How many connections one process serves, in all and per client address."""
+
+    max_connections: int
+    max_per_ip: int
+
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """What to run on the sockets of one fd name, and what to say when refusing a client."""
+
+    factory: ProtocolFactory
+    busy_reply: bytes
+
+
+class _Refuse(asyncio.Protocol):
+    """Says one line (e.g. ``421 4.7.0 too many connections``) and hangs up."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(self.reply)
+        transport.close()
+
+
+class ConnectionTracker:
+    """Counts open connections per client address and tells when the process is idle."""
+
+    def __init__(
+        self, limits: Limits, idle_exit_seconds: float, on_idle: Callable[[], None]
+    ) -> None:
+        self.limits = limits
+        self.idle_exit_seconds = idle_exit_seconds
+        self.on_idle = on_idle
+        self.per_ip: Counter[str] = Counter()
+        self.open = 0
+        self.drained = asyncio.Event()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.arm_idle_timer()
+
+    def arm_idle_timer(self) -> None:
+        if self.idle_exit_seconds > 0:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self.idle_exit_seconds, self.on_idle)
+
+    def admit(self, peer: str) -> bool:
+        """Whether a new connection from ``peer`` may be served."""
+        if self.open >= self.limits.max_connections or self.per_ip[peer] >= self.limits.max_per_ip:
+            return False
+        self.open += 1
+        self.per_ip[peer] += 1
+        self.drained.clear()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        return True
+
+    def release(self, peer: str) -> None:
+        self.open -= 1
+        self.per_ip[peer] -= 1
+        if self.per_ip[peer] <= 0:
+            del self.per_ip[peer]
+        if self.open == 0:
+            self.drained.set()
+            self.arm_idle_timer()
+
+
+def peer_host(transport: asyncio.BaseTransport) -> str:
+    """The client's address without the port ("local" for a UNIX socket)."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "local"
+
+
+def _tracked_factory(endpoint: Endpoint, tracker: ConnectionTracker) -> ProtocolFactory:
+    def make() -> asyncio.BaseProtocol:
+        return _TrackingProxy(endpoint, tracker)
+
+    return make
+
+
+class _TrackingProxy(asyncio.Protocol):
+    """Admits or refuses the connection, then hands every event to the real protocol.
+
+    The real protocol is created only when the connection is admitted, so a refused client
+    costs nothing but one line of reply.
+    """
+
+    def __init__(self, endpoint: Endpoint, tracker: ConnectionTracker) -> None:
+        self.endpoint = endpoint
+        self.tracker = tracker
+        self.inner: asyncio.BaseProtocol | None = None
+        self.peer = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.peer = peer_host(transport)
+        if not self.tracker.admit(self.peer):
+            log.warning("refusing connection from %s: too many connections", self.peer)
+            _Refuse(self.endpoint.busy_reply).connection_made(transport)
+            return
+        self.inner = self.endpoint.factory()
+        # The inner protocol talks to the transport directly from now on (set_protocol),
+        # which also keeps STARTTLS's own set_protocol calls working.
+        transport.set_protocol(self.inner)
+        self.inner.connection_made(transport)
+        _watch_close(self.inner, lambda: self.tracker.release(self.peer))
+
+    def data_received(self, data: bytes) -> None:  # only before admission; drop
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+def _watch_close(protocol: asyncio.BaseProtocol, callback: Callable[[], None]) -> None:
+    """Call ``callback`` once, after ``protocol.connection_lost`` ran."""
+    original = protocol.connection_lost
+    done = False
+
+    def connection_lost(exc: Exception | None) -> None:
+        nonlocal done
+        try:
+            original(exc)
+        finally:
+            if not done:
+                done = True
+                callback()
+
+    protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
+async def serve(
+    endpoints: Mapping[str, Endpoint],
+    sockets: Mapping[str, list[socket.socket]],
+    *,
+    limits: Limits,
+    idle_exit_seconds: float,
+    shutdown_grace_seconds: float,
+    on_shutdown: Callable[[], None] | None = None,
+) -> None:
+    """Serve ``sockets`` with the endpoint of each fd name until idle or told to stop."""
+    unknown = sorted(set(sockets) - set(endpoints))
+    if unknown:
+        raise ActivationError(
+            f"passed sockets with fd names {', '.join(unknown)}; this program serves "
+            f"{', '.join(sorted(endpoints))} (set FileDescriptorName= in the .socket unit)"
+        )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reason: list[str] = []
+
+    def request_stop(why: str) -> None:
+        if not stop.is_set():
+            reason.append(why)
+            stop.set()
+
+    tracker = ConnectionTracker(limits, idle_exit_seconds, lambda: request_stop("idle"))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signal.Signals(signum).name)
+    servers = []
+    for name, socks in sockets.items():
+        for sock in socks:
+            factory = _tracked_factory(endpoints[name], tracker)
+            servers.append(await loop.create_server(factory, sock=sock))
+    log.info("serving %s", ", ".join(f"{n} ({len(s)} socket(s))" for n, s in sockets.items()))
+    await stop.wait()
+    for server in servers:
+        server.close()
+    if tracker.open:
+        log.info("%s: waiting for %d open session(s) to finish", reason[0], tracker.open)
+        if on_shutdown is not None:
+            on_shutdown()
+        try:
+            await asyncio.wait_for(tracker.drained.wait(), shutdown_grace_seconds)
+        except TimeoutError:
+            log.warning(
+                "%d session(s) still open after %ss; closing them",
+                tracker.open,
+                shutdown_grace_seconds,
+            )
+    log.info("exiting (%s)", reason[0])

@@ -1,0 +1,317 @@
+"""Inbound MX (``mailroom-smtpd``, fd name ``smtp``): accept mail for local users, never relay.
+
+Built on aiosmtpd. What this module adds to it and promises:
+
+- RCPT is accepted only for local users and aliases (RFC 5321 3.6.2: no open relay, in
+  any address form: percent hack, bang path, source route, quoted local part).
+- DATA with a bare CR, a bare LF or a NUL is refused whole (SMTP smuggling, RFC 5321 2.3.8);
+  aiosmtpd itself ends DATA only on ``<CRLF>.<CRLF>``.
+- The message is stored in every recipient's Maildir, fsync'd, before ``250`` is sent.
+- Every reply carries an RFC 3463 enhanced status code; no exception text reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import ssl
+import sys
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailroom import replies
+from mailroom.accounts import Accounts, User
+from mailroom.activation import Endpoint, Limits, inherited_sockets, serve
+from mailroom.addresses import normalise_domain, parse_address
+from mailroom.config import Settings, load_settings
+from mailroom.errors import DeliveryError, InvalidNameError, MailroomError, QuotaExceededError
+from mailroom.logs import setup_logging
+from mailroom.maildir import Maildir, check_quota, deliver_all
+
+log = logging.getLogger(__name__)
+
+# RFC 5321 4.1.3 address literals, or a host name (underscores tolerated, as Postfix does).
+_HELO_RE = re.compile(
+    r"^(\[(\d{1,3}(\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]{2,45})\]"
+    r"|[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?)$"
+)
+_BAD_BYTES = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def new_queue_id() -> str:
+    """A short random id for one accepted message, used in Received: and the logs."""
+    return secrets.token_hex(6).upper()
+
+
+class InboundEnvelope(Envelope):  # type: ignore[misc]
+    """aiosmtpd's envelope plus the mailboxes the recipients resolved to (each once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mailboxes: dict[str, User] = {}
+
+
+class InboundSMTP(SMTP):  # type: ignore[misc]
+    """aiosmtpd's protocol with mailroom's limits, reply codes and timeouts."""
+
+    def __init__(
+        self, handler: InboundHandler, settings: Settings, tls: ssl.SSLContext | None
+    ) -> None:
+        # RFC 5321 4.5.3.1.6: 1000 octets per line including CRLF, plus the transparency dot.
+        self.line_length_limit = settings.smtp.max_line_length + 1
+        self._plain_replies = False
+        super().__init__(
+            handler,
+            data_size_limit=settings.message_size_limit,
+            enable_SMTPUTF8=True,
+            hostname=settings.hostname,
+            ident="ESMTP mailroom",
+            tls_context=tls,
+            timeout=settings.smtp.timeout_seconds,
+            loop=asyncio.get_running_loop(),
+        )
+
+    def _create_envelope(self) -> InboundEnvelope:
+        return InboundEnvelope()
+
+    def data_received(self, data: bytes) -> None:
+        # RFC 5321 4.5.3.2.5/6: the timeout runs between blocks of data, not over the whole DATA.
+        self._reset_timeout()
+        super().data_received(data)
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, bytes):
+            status = status.decode("utf-8", "replace")
+        if not self._plain_replies:
+            status = replies.with_enhanced_code(status)
+        await super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._greet(super().smtp_EHLO, hostname)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self._greet(super().smtp_HELO, hostname)
+
+    async def _greet(self, method: Any, hostname: str | None) -> None:
+        if hostname and not _HELO_RE.match(hostname):
+            await self.push(replies.BAD_HELO)
+            return
+        # RFC 2034: no enhanced codes in the replies to HELO and EHLO.
+        self._plain_replies = True
+        try:
+            await method(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        # Never confirm or deny an address (RFC 5321 3.5.3 allows 252).
+        await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+
+class InboundHandler:
+    """aiosmtpd handler hooks: each SMTP verb returns its reply."""
+
+    def __init__(self, settings: Settings, accounts: Accounts) -> None:
+        self.settings = settings
+        self.accounts = accounts
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address != "<>" and (_CONTROL.search(address) or "@" not in address):
+            return replies.BAD_SENDER
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: InboundEnvelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        reply, users = self.check_recipient(address)
+        if not users:
+            log.info(
+                "RCPT %s refused: %s",
+                _printable(address),
+                reply,
+                extra={"CLIENT_ADDR": _peer(session)},
+            )
+            return reply
+        if len(envelope.rcpt_tos) >= self.settings.smtp.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        for user in users:
+            maildir = self._maildir(user)
+            if user.quota_bytes and maildir.usage_bytes() >= user.quota_bytes:
+                return replies.MAILBOX_FULL
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        for user in users:
+            envelope.mailboxes[str(user.address)] = user
+        return replies.RECIPIENT_OK
+
+    def check_recipient(self, address: str) -> tuple[str, list[User]]:
+        """The reply for RCPT TO:<address> and, when accepted, the enabled mailboxes it reaches."""
+        if _CONTROL.search(address) or address.startswith("@"):
+            # A source route (RFC 5321 4.1.1.3 obsolete) is never followed.
+            return replies.RELAY_DENIED, []
+        localpart, at, domain = address.rpartition("@")
+        if not at or not localpart:
+            return replies.BAD_RECIPIENT, []
+        try:
+            domain = normalise_domain(domain)
+        except InvalidNameError:
+            return replies.RELAY_DENIED, []
+        if not self.accounts.is_local_domain(domain):
+            return replies.RELAY_DENIED, []
+        try:
+            rcpt = parse_address(f"{localpart}@{domain}")
+        except InvalidNameError:
+            # Quoted local parts, "%" and "!" forms land here: no such local user.
+            return replies.NO_SUCH_USER, []
+        users = self.accounts.resolve(rcpt)
+        enabled = [u for u in users if u.enabled]
+        if not users:
+            return replies.NO_SUCH_USER, []
+        if not enabled:
+            return replies.MAILBOX_DISABLED, []
+        return replies.RECIPIENT_OK, enabled
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: InboundEnvelope) -> str:
+        content: bytes = envelope.original_content or b""
+        peer = _peer(session)
+        if _BAD_BYTES.search(content):
+            log.warning("refused DATA with bare CR/LF or NUL", extra={"CLIENT_ADDR": peer})
+            return replies.BARE_LINE_END
+        if _count_received(content) > self.settings.smtp.max_received_headers:
+            return replies.TOO_MANY_HOPS
+        queue_id = new_queue_id()
+        header = self.trace_headers(server, session, envelope, queue_id)
+        message = header + content
+        targets = [(self._maildir(u), "") for u in envelope.mailboxes.values()]
+        try:
+            for (maildir, _), user in zip(targets, envelope.mailboxes.values(), strict=True):
+                check_quota(maildir, user.quota_bytes, len(message))
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, deliver_all, targets, message)
+        except QuotaExceededError as err:
+            log.info("%s refused: %s", queue_id, err, extra={"CLIENT_ADDR": peer})
+            return replies.MESSAGE_TOO_BIG_FOR_MAILBOX
+        except DeliveryError as err:
+            log.error("%s not delivered: %s", queue_id, err, extra={"CLIENT_ADDR": peer})
+            return replies.LOCAL_ERROR
+        log.info(
+            "%s delivered from=<%s> to %s size=%d",
+            queue_id,
+            _printable(envelope.mail_from or ""),
+            ",".join(envelope.mailboxes),
+            len(message),
+            extra={"CLIENT_ADDR": peer, "QUEUE_ID": queue_id},
+        )
+        return f"250 2.0.0 Ok: delivered as {queue_id}"
+
+    def trace_headers(
+        self, server: SMTP, session: Session, envelope: Envelope, queue_id: str
+    ) -> bytes:
+        """``Return-Path:`` and ``Received:`` (RFC 5321 4.4), from validated values only."""
+        helo = (
+            session.host_name
+            if session.host_name and _HELO_RE.match(session.host_name)
+            else "unknown"
+        )
+        peer = _peer(session)
+        proto = "UTF8SMTP" if envelope.smtp_utf8 else ("ESMTP" if session.extended_smtp else "SMTP")
+        if session.ssl is not None:
+            proto += "S"  # RFC 3848
+        recipients = (
+            "" if len(envelope.rcpt_tos) != 1 else f"\r\n\tfor <{_printable(envelope.rcpt_tos[0])}>"
+        )
+        date = format_datetime(datetime.now(UTC).astimezone())
+        sender = "" if envelope.mail_from == "<>" else _printable(envelope.mail_from or "")
+        return (
+            f"Return-Path: <{sender}>\r\n"
+            f"Received: from {helo} ([{peer}])\r\n"
+            f"\tby {self.settings.hostname} (mailroom) with {proto} id {queue_id}{recipients};\r\n"
+            f"\t{date}\r\n"
+        ).encode("utf-8", "surrogateescape")
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("error in SMTP session")
+        return replies.LOCAL_ERROR
+
+    def _maildir(self, user: User) -> Maildir:
+        return Maildir.for_address(self.settings.mail_root, user.address, self.settings.hostname)
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "local"
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub("?", text)
+
+
+def _count_received(content: bytes) -> int:
+    """How many ``Received:`` fields the header section holds."""
+    end = content.find(b"\r\n\r\n")
+    head = content if end < 0 else content[: end + 2]
+    return len(re.findall(rb"(?im)^received[ \t]*:", head))
+
+
+def endpoints(settings: Settings, accounts: Accounts) -> dict[str, Endpoint]:
+    from mailroom.tls import server_context
+
+    handler = InboundHandler(settings, accounts)
+    tls = server_context(settings.tls_cert, settings.tls_key)
+    busy = (replies.TOO_MANY_CONNECTIONS + "\r\n").encode()
+    return {"smtp": Endpoint(lambda: InboundSMTP(handler, settings, tls), busy)}
+
+
+def main() -> int:
+    """Entry point of ``mailroom-smtpd``."""
+    try:
+        settings = load_settings()
+    except MailroomError as err:
+        print(f"mailroom-smtpd: {err}", file=sys.stderr)
+        return 78  # EX_CONFIG
+    setup_logging("mailroom-smtpd", settings.log_level)
+    try:
+        sockets = inherited_sockets()
+        with Accounts(settings.auth_db) as accounts:
+            asyncio.run(
+                serve(
+                    endpoints(settings, accounts),
+                    sockets,
+                    limits=Limits(
+                        settings.smtp.max_connections, settings.smtp.max_connections_per_ip
+                    ),
+                    idle_exit_seconds=settings.idle_exit_seconds,
+                    shutdown_grace_seconds=settings.shutdown_grace_seconds,
+                )
+            )
+    except MailroomError as err:
+        log.error("%s", err)
+        print(f"mailroom-smtpd: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,407 @@
+"""mailroom-smtpd over real sockets: delivery, relay refusal, smuggling, STARTTLS, limits."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MailEnv, Server
+from tests.smtpclient import SMTPConversation, run_transcript
+
+MESSAGE = (
+    b"From: Sender <sender@elsewhere.test>\r\n"
+    b"To: alice@example.test\r\n"
+    b"Subject: hello\r\n"
+    b"Message-ID: <1@elsewhere.test>\r\n"
+    b"\r\n"
+    b"First line.\r\n"
+    b"..a line that starts with a dot\r\n"
+    b"Last line.\r\n"
+)
+
+
+def session(
+    conv: SMTPConversation, rcpts: list[str], sender: str = "sender@elsewhere.test"
+) -> None:
+    assert conv.last().startswith("220 ")
+    conv.line("EHLO client.test")
+    assert conv.last().startswith("250 ")
+    conv.line(f"MAIL FROM:<{sender}>")
+    assert conv.last().startswith("250 2.1.0")
+    for rcpt in rcpts:
+        conv.line(f"RCPT TO:<{rcpt}>")
+        assert conv.last().startswith("250 2.1.5"), rcpt
+
+
+def test_ehlo_advertises_extensions(smtpd: Server) -> None:
+    with SMTPConversation(smtpd.port) as conv:
+        assert conv.last().startswith("220 mail.example.test ESMTP")
+        conv.line("EHLO client.test")
+        lines = conv.reply()
+    keywords = {line[4:].split()[0] for line in lines[1:]}
+    assert {
+        "SIZE",
+        "8BITMIME",
+        "SMTPUTF8",
+        "PIPELINING",
+        "ENHANCEDSTATUSCODES",
+        "STARTTLS",
+    } <= keywords
+    assert "AUTH" not in keywords
+    assert "250-SIZE 26214400" in lines
+
+
+def test_delivery_exact_bytes(smtpd: Server, mail_env: MailEnv) -> None:
+    with SMTPConversation(smtpd.port) as conv:
+        session(conv, ["alice@example.test"])
+        conv.line("DATA")
+        assert conv.last().startswith("354 ")
+        conv.send(MESSAGE + b".\r\n")
+        reply = conv.last()
+        assert reply.startswith("250 2.0.0 Ok: delivered as ")
+        queue_id = reply.split()[-1]
+    [path] = mail_env.new_messages("alice@example.test")
+    data = path.read_bytes()
+    head, _, body = data.partition(b"\nFrom: ")
+    assert head.startswith(
+        b"Return-Path: <sender@elsewhere.test>\nReceived: from client.test ([127.0.0.1])\n"
+    )
+    assert (
+        f"by mail.example.test (mailroom) with ESMTP id {queue_id}\n\tfor <alice@example.test>;".encode()
+        in head
+    )
+    expected = MESSAGE.replace(b"\r\n..a line", b"\r\n.a line").replace(b"\r\n", b"\n")
+    assert b"From: " + body == expected
+    lines = data.count(b"\n")
+    assert f",S={len(data)},W={len(data) + lines}" in path.name
+
+
+def test_swaks_plain_and_starttls(smtpd: Server, mail_env: MailEnv) -> None:
+    base = [
+        "swaks",
+        "--server",
+        f"127.0.0.1:{smtpd.port}",
+        "--from",
+        "x@elsewhere.test",
+        "--h-Subject",
+        "swaks",
+    ]
+    out = subprocess.run(
+        [*base, "--to", "bob@example.test"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run(
+        [*base, "--to", "bob@example.test", "--tls"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "TLS started" in out.stdout
+    messages = [p.read_bytes() for p in mail_env.new_messages("bob@example.test")]
+    assert len(messages) == 2
+    assert sum(b"with ESMTPS id" in m for m in messages) == 1
+    assert all(b"Subject: swaks" in m for m in messages)
+
+
+def test_smtplib_starttls_aliases_each_delivered_once(smtpd: Server, mail_env: MailEnv) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", smtpd.port, timeout=15) as client:
+        client.starttls(context=context)
+        refused = client.sendmail(
+            "sender@elsewhere.test",
+            [
+                "everyone@example.test",
+                "team@example.test",
+                "Alice+News@EXAMPLE.test",
+                "dave@example.org",
+            ],
+            MESSAGE,
+        )
+    assert refused == {}
+    for user in (
+        "alice@example.test",
+        "bob@example.test",
+        "carol@example.test",
+        "dave@example.org",
+    ):
+        [path] = mail_env.new_messages(user)
+        assert b"with ESMTPS id" in path.read_bytes()
+        assert b"\tfor <" not in path.read_bytes()  # several recipients: none named
+
+
+def test_null_sender_accepted(smtpd: Server, mail_env: MailEnv) -> None:
+    with smtplib.SMTP("127.0.0.1", smtpd.port, timeout=15) as client:
+        client.sendmail("<>", ["carol@example.test"], MESSAGE)
+    [path] = mail_env.new_messages("carol@example.test")
+    assert path.read_bytes().startswith(b"Return-Path: <>\n")
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "reply"),
+    [
+        ("someone@elsewhere.test", "550 5.7.1 Relaying denied*"),
+        ("nobody@example.test", "550 5.1.1 *"),
+        # the relay forms of nmap's smtp-open-relay and classic percent/bang/route hacks
+        ("someone%elsewhere.test@example.test", "550 5.1.1 *"),
+        ("elsewhere.test!someone@example.test", "550 5.1.1 *"),
+        ("@example.test:someone@elsewhere.test", "550 5.7.1 *"),
+        ('"someone@elsewhere.test"@example.test', "550 5.1.1 *"),
+        ('"someone%elsewhere.test"@example.test', "550 5.1.1 *"),
+        ("someone@elsewhere.test@example.test", "5?? *"),
+        ("someone@[127.0.0.1]", "550 5.7.1 *"),
+        ("alice@example.test.", "553 5.1.3 *"),
+        ("../alice@example.test", "550 5.1.1 *"),
+        ("alice@../example.test", "553 5.1.3 *"),
+    ],
+)
+def test_recipients_never_relay(smtpd: Server, mail_env: MailEnv, rcpt: str, reply: str) -> None:
+    run_transcript(
+        smtpd.port,
+        f"""
+        S: 220 *
+        C: EHLO client.test
+        S: 250 *
+        C: MAIL FROM:<x@elsewhere.test>
+        S: 250 2.1.0 *
+        C: RCPT TO:<{rcpt}>
+        S: {reply}
+        C: QUIT
+        S: 221 *
+        """,
+    )
+
+
+def test_disabled_user_and_transcript_errors(smtpd: Server, mail_env: MailEnv) -> None:
+    with mail_env.accounts() as accounts:
+        accounts.set_enabled("carol@example.test", False)
+    run_transcript(
+        smtpd.port,
+        """
+        S: 220 *
+        C: MAIL FROM:<x@elsewhere.test>
+        S: 503 5.5.1 *
+        C: EHLO bad/helo
+        S: 501 5.5.4 *
+        C: EHLO client.test
+        S: 250 HELP
+        C: RCPT TO:<alice@example.test>
+        S: 503 5.5.1 *
+        C: MAIL FROM:<x@elsewhere.test>
+        S: 250 2.1.0 *
+        C: RCPT TO:<carol@example.test>
+        S: 550 5.2.1 *
+        C: DATA
+        S: 503 5.5.1 *
+        C: VRFY alice
+        S: 252 2.5.0 *
+        C: FROB
+        S: 500 5.5.2 *
+        C: RSET
+        S: 250 2.0.0 *
+        C: NOOP
+        S: 250 2.0.0 *
+        C: QUIT
+        S: 221 2.0.0 *
+        """,
+    )
+
+
+SMUGGLING = [
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r.\r",
+    b"\r.\n",
+    b"\r\n.\n",
+    b"\r\n.\r",
+    b"\r\n.\r\r\n",
+    b"\r\n\x00.\r\n",
+]
+
+
+@pytest.mark.parametrize("ending", SMUGGLING, ids=[repr(e) for e in SMUGGLING])
+def test_smuggling_rejected(smtpd: Server, mail_env: MailEnv, ending: bytes) -> None:
+    smuggled = (
+        b"MAIL FROM:<evil@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nSmuggled\r\n"
+    )
+    with SMTPConversation(smtpd.port) as conv:
+        session(conv, ["alice@example.test"])
+        conv.line("DATA")
+        assert conv.last().startswith("354")
+        conv.send(b"Subject: a\r\n\r\nbody" + ending + smuggled + b".\r\n")
+        assert conv.last().startswith("554 5.6.0 ")
+        # the session is still in step: the smuggled commands were data, never executed
+        conv.line("NOOP")
+        assert conv.last().startswith("250 2.0.0")
+    assert mail_env.new_messages("alice@example.test") == []
+    assert mail_env.new_messages("bob@example.test") == []
+
+
+def test_starttls_injection_and_envelope_reset(smtpd: Server) -> None:
+    with SMTPConversation(smtpd.port) as conv:
+        session(conv, [])
+        # a command pipelined behind STARTTLS in the same packet must not run inside TLS
+        conv.send(b"STARTTLS\r\nRCPT TO:<alice@example.test>\r\n")
+        assert conv.last().startswith("220 ")
+        conv.buffer = b""
+        conv.starttls()
+        conv.line("RCPT TO:<bob@example.test>")  # envelope and EHLO reset by STARTTLS
+        assert conv.last().startswith("503 5.5.1")
+        conv.line("EHLO client.test")
+        lines = conv.reply()
+        assert lines[-1] == "250 HELP" and not any("STARTTLS" in line for line in lines)
+        conv.line("RCPT TO:<bob@example.test>")
+        assert conv.last().startswith("503 5.5.1")  # MAIL FROM from before TLS is gone
+
+
+def test_size_limits(mail_env: MailEnv, certificate: tuple) -> None:
+    from tests.conftest import write_config
+
+    write_config(mail_env.root, certificate, message_size_limit=4096)
+    server = Server(mail_env)
+    try:
+        with SMTPConversation(server.port) as conv:
+            assert conv.last().startswith("220")
+            conv.line("EHLO client.test")
+            assert "250-SIZE 4096" in conv.reply()
+            conv.line("MAIL FROM:<x@elsewhere.test> SIZE=5000")
+            assert conv.last().startswith("552 5.3.4")
+            conv.line("MAIL FROM:<x@elsewhere.test>")
+            assert conv.last().startswith("250")
+            conv.line("RCPT TO:<alice@example.test>")
+            assert conv.last().startswith("250")
+            conv.line("DATA")
+            assert conv.last().startswith("354")
+            conv.send(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 100 + b".\r\n")
+            assert conv.last().startswith("552 5.3.4")
+    finally:
+        server.stop()
+    assert mail_env.new_messages("alice@example.test") == []
+
+
+def test_long_lines_bounded(smtpd: Server, mail_env: MailEnv) -> None:
+    with SMTPConversation(smtpd.port) as conv:
+        session(conv, ["alice@example.test"])
+        conv.line("DATA")
+        assert conv.last().startswith("354")
+        conv.send(b"Subject: long\r\n\r\n" + b"z" * 1001 + b"\r\n.\r\n")
+        assert conv.last().startswith("500 5.5.2 Line too long")
+        # a 10 MB command line without CRLF: read and discarded piecewise, then one error
+        pid = smtpd.child_pids()[0]
+        conv.send(b"A" * (10 * 1024 * 1024) + b"\r\n")
+        assert conv.last().startswith("500 5.5.2")
+        conv.line("NOOP")
+        assert conv.last().startswith("250")
+    rss_kib = int(
+        next(
+            line
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("VmHWM")
+        ).split()[1]
+    )
+    assert rss_kib < 80 * 1024, f"peak RSS {rss_kib} KiB"
+    assert mail_env.new_messages("alice@example.test") == []
+
+
+def test_recipient_limit(mail_env: MailEnv, certificate: tuple) -> None:
+    from tests.conftest import write_config
+
+    with mail_env.accounts() as accounts:
+        for i in range(12):
+            accounts.add_user(f"u{i}@example.test", "long enough password")
+    write_config(mail_env.root, certificate)
+    with open(mail_env.config, "a") as f:
+        f.write("[smtp]\nmax_recipients = 10\n")
+    server = Server(mail_env)
+    try:
+        with SMTPConversation(server.port) as conv:
+            session(conv, [f"u{i}@example.test" for i in range(10)])
+            conv.line("RCPT TO:<u10@example.test>")
+            assert conv.last().startswith("452 4.5.3")
+    finally:
+        server.stop()
+
+
+def test_hop_count(smtpd: Server, mail_env: MailEnv) -> None:
+    hops = b"".join(
+        b"Received: from hop%d.test by x.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % i
+        for i in range(51)
+    )
+    with SMTPConversation(smtpd.port) as conv:
+        session(conv, ["alice@example.test"])
+        conv.line("DATA")
+        assert conv.last().startswith("354")
+        conv.send(hops + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
+        assert conv.last().startswith("554 5.4.6")
+        conv.line("MAIL FROM:<x@elsewhere.test>")
+        assert conv.last().startswith("250")
+        conv.line("RCPT TO:<alice@example.test>")
+        assert conv.last().startswith("250")
+        conv.line("DATA")
+        assert conv.last().startswith("354")
+        conv.send(hops[: len(hops) // 51 * 50] + b"Subject: ok\r\n\r\nbody\r\n.\r\n")
+        assert conv.last().startswith("250 2.0.0")
+    assert len(mail_env.new_messages("alice@example.test")) == 1
+
+
+def test_quota(smtpd: Server, mail_env: MailEnv) -> None:
+    with mail_env.accounts() as accounts:
+        accounts.set_quota("bob@example.test", 2000)
+    with SMTPConversation(smtpd.port) as conv:
+        session(conv, ["bob@example.test"])
+        conv.line("DATA")
+        assert conv.last().startswith("354")
+        conv.send(b"Subject: big\r\n\r\n" + (b"q" * 70 + b"\r\n") * 40 + b".\r\n")
+        assert conv.last().startswith("552 5.2.2")
+    assert mail_env.new_messages("bob@example.test") == []
+
+
+def test_connections_per_ip(mail_env: MailEnv, certificate: tuple) -> None:
+    with open(mail_env.config, "a") as f:
+        f.write("[smtp]\nmax_connections_per_ip = 3\n")
+    server = Server(mail_env)
+    time.sleep(0.5)  # let the server see the readiness probe's connection close
+    try:
+        convs = [SMTPConversation(server.port) for _ in range(3)]
+        for conv in convs:
+            assert conv.last().startswith("220 ")
+        with SMTPConversation(server.port) as extra:
+            assert extra.last().startswith("421 4.7.0")
+        convs.pop().close()
+        time.sleep(0.3)
+        with SMTPConversation(server.port) as again:
+            assert again.last().startswith("220 ")
+        for conv in convs:
+            conv.close()
+    finally:
+        server.stop()
+
+
+def test_no_traceback_on_garbage(smtpd: Server) -> None:
+    garbage = [
+        b"\xff\xfe\r\n",
+        b"MAIL FROM:<\xff@x.test>\r\n",
+        b"EHLO \x00\r\n",
+        b"MAIL FROM:<a@b.test> SIZE=abc\r\n",
+        b"MAIL FROM:<a@b.test> FOO=BAR\r\n",
+        b"RCPT TO:<\r\n",
+        b"RCPT TO:<a@b@c>\r\n",
+        b"MAIL FROM:<a\rb@c.test>\r\n",
+        b"RCPT TO:<\xc3\xa9@example.test>\r\n",
+        b"AUTH PLAIN AGFsaWNlAHg=\r\n",
+        b"GET / HTTP/1.1\r\n",
+    ]
+    with SMTPConversation(smtpd.port) as conv:
+        assert conv.last().startswith("220")
+        conv.line("EHLO client.test")
+        conv.reply()
+        for line in garbage:
+            conv.send(line)
+            reply = conv.last()
+            assert reply[:1] in "245" and "Traceback" not in reply and "Error: (" not in reply, (
+                line,
+                reply,
+            )
