@@ -1,0 +1,380 @@
+"""``mailroomctl``: the administrator's command line for domains, users, aliases and config.
+
+Each command loads the settings (``$CONFIG_PATH``), opens the accounts database, does one
+thing and says what it did. ``main`` turns every ``MailroomError`` into one message on stderr
+and exit status 1, never a traceback. Mail is deleted only when the admin says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mailroom import __version__
+from mailroom.accounts import Accounts, User
+from mailroom.addresses import Address, normalise_domain, parse_address
+from mailroom.config import ENV_PREFIX, Settings, config_path, load_settings
+from mailroom.errors import ExistsError, MailroomError, NotFoundError
+
+PROG = "mailroomctl"
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status is 0 on success, 1 on error, 2 on a usage error."""
+    try:
+        result = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except MailroomError as err:
+        click.echo(f"{PROG}: {err}", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=PROG)
+def cli() -> None:
+    """Administer mailroom: domains, users, aliases and the configuration.
+
+    The configuration file is $CONFIG_PATH (default /etc/mailroom/config.toml).
+    """
+
+
+# One @cli.group() per noun. The later groups of design.md (setup, dkim, dns, tls, queue,
+# index) join as groups of their own in the same shape; `config edit` joins `config`.
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def config() -> None:
+    """Check the configuration."""
+
+
+@config.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
+def config_check(as_json: bool) -> None:
+    """Validate the configuration and print the effective settings (secrets masked)."""
+    path = config_path()
+    settings = load_settings(path)
+    data = settings.redacted()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"# {path}: configuration is valid")
+    overrides = sorted(name for name in os.environ if name.startswith(ENV_PREFIX))
+    if overrides:
+        click.echo(f"# overridden from the environment: {', '.join(overrides)}")
+    click.echo("# effective settings, defaults included:")
+    click.echo("\n".join(_toml(data)))
+
+
+# -- domain ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def domain() -> None:
+    """Add, delete and list the local mail domains."""
+
+
+@domain.command("add")
+@click.argument("name")
+def domain_add(name: str) -> None:
+    """Add a local domain (mail for it is accepted and stored here)."""
+    with _accounts(load_settings()) as accounts:
+        added = accounts.add_domain(name)
+    click.echo(f"added domain {_show_domain(added)}")
+
+
+@domain.command("del")
+@click.argument("name")
+def domain_del(name: str) -> None:
+    """Delete a domain that has no users and no aliases left."""
+    with _accounts(load_settings()) as accounts:
+        accounts.del_domain(name)
+    click.echo(f"deleted domain {_show_domain(normalise_domain(name))}")
+
+
+@domain.command("list")
+def domain_list() -> None:
+    """List the local domains."""
+    with _accounts(load_settings()) as accounts:
+        for name in accounts.list_domains():
+            click.echo(_show_domain(name))
+
+
+# -- user ------------------------------------------------------------------------------------
+
+_password_stdin = click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from the first line of standard input instead of asking.",
+)
+
+
+class ByteSize(click.ParamType):
+    """A number of bytes: ``1048576``, ``500M``, ``2G``, ``1.5GiB`` (powers of 1024); 0 = none."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = _SIZE_RE.fullmatch(str(value).strip())
+        if match is None:
+            self.fail(f"{value!r} is not a size such as 500M, 2G or 1048576", param, ctx)
+        return int(Decimal(match[1]) * _UNITS[(match[2] or "").lower()])
+
+
+@cli.group()
+def user() -> None:
+    """Add, delete, list and change mail users."""
+
+
+@user.command("add")
+@click.argument("address")
+@_password_stdin
+@click.option("--quota", type=ByteSize(), default=0, help="Mailbox size limit, e.g. 2G (0 = none).")
+def user_add(address: str, password_stdin: bool, quota: int) -> None:
+    """Add a user (mailbox) in a local domain."""
+    with _accounts(load_settings()) as accounts:
+        addr = parse_address(address, allow_plus=False)
+        # Say what is wrong before asking for a password, not after.
+        if not accounts.is_local_domain(addr.domain):
+            raise NotFoundError(f"domain {addr.domain} does not exist; add it first")
+        if accounts.get_user(addr) is not None:
+            raise ExistsError(f"user {addr} already exists")
+        password = _read_password(password_stdin)
+        added = accounts.add_user(str(addr), password, quota)
+    click.echo(f"added user {added.address}")
+
+
+@user.command("del")
+@click.argument("address")
+@click.option("--delete-mail", is_flag=True, help="Also delete the user's mail, without asking.")
+def user_del(address: str, delete_mail: bool) -> None:
+    """Delete a user; the mail is kept unless you confirm or pass --delete-mail."""
+    settings = load_settings()
+    with _accounts(settings) as accounts:
+        existing = _existing_user(accounts, address)
+        maildir = _maildir(settings, existing.address)
+        remove = delete_mail
+        if not remove and maildir.exists() and sys.stdin.isatty():
+            remove = click.confirm(f"Also delete the mail in {maildir}?", default=False)
+        if remove:
+            _check_removable(settings, maildir)  # before anything is deleted
+        deleted = accounts.del_user(str(existing.address))
+        pointing = [
+            source
+            for source, targets in accounts.list_aliases()
+            if any(parse_address(t).base == deleted.address for t in targets)
+        ]
+    click.echo(f"deleted user {deleted.address}")
+    if pointing:
+        click.echo(f"note: these aliases still point to {deleted.address}: {', '.join(pointing)}")
+    if not maildir.exists():
+        return
+    if remove:
+        try:
+            shutil.rmtree(maildir)
+        except OSError as err:
+            raise MailroomError(f"could not delete the mail in {maildir}: {err}") from None
+        click.echo(f"deleted the mail in {maildir}")
+    else:
+        click.echo(f"kept the mail in {maildir}")
+
+
+@user.command("passwd")
+@click.argument("address")
+@_password_stdin
+def user_passwd(address: str, password_stdin: bool) -> None:
+    """Set a user's password."""
+    with _accounts(load_settings()) as accounts:
+        existing = _existing_user(accounts, address)
+        accounts.set_password(str(existing.address), _read_password(password_stdin))
+    click.echo(f"changed the password of {existing.address}")
+
+
+@user.command("list")
+@click.argument("domain", required=False)
+def user_list(domain: str | None) -> None:
+    """List the users, of all domains or of DOMAIN."""
+    with _accounts(load_settings()) as accounts:
+        users = accounts.list_users(domain)
+    for entry in users:
+        state = "enabled" if entry.enabled else "disabled"
+        click.echo(f"{entry.address}\t{state}\tquota {_show_size(entry.quota_bytes)}")
+
+
+@user.command("disable")
+@click.argument("address")
+def user_disable(address: str) -> None:
+    """Refuse logins for a user (mail is still accepted and stored)."""
+    with _accounts(load_settings()) as accounts:
+        accounts.set_enabled(address, False)
+    click.echo(f"disabled user {parse_address(address)}")
+
+
+@user.command("enable")
+@click.argument("address")
+def user_enable(address: str) -> None:
+    """Allow logins for a user again."""
+    with _accounts(load_settings()) as accounts:
+        accounts.set_enabled(address, True)
+    click.echo(f"enabled user {parse_address(address)}")
+
+
+@user.command("quota")
+@click.argument("address")
+@click.argument("size", type=ByteSize())
+def user_quota(address: str, size: int) -> None:
+    """Set a user's mailbox size limit, e.g. 2G (0 = none)."""
+    with _accounts(load_settings()) as accounts:
+        accounts.set_quota(address, size)
+    click.echo(f"set the quota of {parse_address(address)} to {_show_size(size)}")
+
+
+# -- alias -----------------------------------------------------------------------------------
+
+
+@cli.group()
+def alias() -> None:
+    """Add, delete and list aliases (ALIAS is user@domain, or @domain for a catch-all)."""
+
+
+@alias.command("add")
+@click.argument("source", metavar="ALIAS")
+@click.argument("targets", metavar="TARGET...", nargs=-1, required=True)
+def alias_add(source: str, targets: tuple[str, ...]) -> None:
+    """Deliver mail for ALIAS to each TARGET (local users or aliases)."""
+    with _accounts(load_settings()) as accounts:
+        accounts.add_alias(source, list(targets))
+    click.echo(f"added alias {source} -> {', '.join(targets)}")
+
+
+@alias.command("del")
+@click.argument("source", metavar="ALIAS")
+@click.argument("targets", metavar="[TARGET]...", nargs=-1)
+def alias_del(source: str, targets: tuple[str, ...]) -> None:
+    """Delete the given TARGETs of ALIAS, or the whole alias when none are given."""
+    with _accounts(load_settings()) as accounts:
+        if not targets:
+            accounts.del_alias(source)
+            click.echo(f"deleted alias {source}")
+        for target in targets:
+            accounts.del_alias(source, target)
+            click.echo(f"deleted alias {source} -> {target}")
+
+
+@alias.command("list")
+def alias_list() -> None:
+    """List the aliases and where they deliver."""
+    with _accounts(load_settings()) as accounts:
+        for source, targets in accounts.list_aliases():
+            click.echo(f"{source} -> {', '.join(targets)}")
+
+
+# -- helpers shared by the commands above ----------------------------------------------------
+
+
+def _accounts(settings: Settings) -> Accounts:
+    return Accounts(settings.auth_db)
+
+
+def _existing_user(accounts: Accounts, address: str) -> User:
+    found = accounts.get_user(address)
+    if found is None:
+        raise NotFoundError(f"user {parse_address(address)} does not exist")
+    return found
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise click.UsageError("--password-stdin: standard input is empty")
+        return line.removesuffix("\n").removesuffix("\r")
+    if not sys.stdin.isatty():
+        raise click.UsageError("no terminal to ask for the password on; use --password-stdin")
+    password: str = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return password
+
+
+def _maildir(settings: Settings, address: Address) -> Path:
+    """``{mail_root}/{domain}/{localpart}`` (addresses.py makes both one safe component)."""
+    return settings.mail_root / address.domain / address.localpart
+
+
+def _check_removable(settings: Settings, maildir: Path) -> None:
+    """Refuse unless ``maildir`` is absent or a real directory inside mail_root, no symlinks."""
+    if not maildir.exists() and not maildir.is_symlink():
+        return
+    root = settings.mail_root.resolve()
+    literal = root / maildir.relative_to(settings.mail_root)
+    if maildir.is_symlink() or not maildir.is_dir() or maildir.resolve() != literal:
+        raise MailroomError(f"{maildir} is not a plain directory inside {root}; not deleting it")
+
+
+def _show_domain(name: str) -> str:
+    try:
+        unicode_name = name.encode("ascii").decode("idna")
+    except UnicodeError:
+        return name
+    return name if unicode_name == name else f"{name} ({unicode_name})"
+
+
+def _show_size(size: int) -> str:
+    if size == 0:
+        return "unlimited"
+    for unit in "TGMK":
+        factor = _UNITS[unit.lower()]
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def _toml(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``data`` as TOML lines: scalars first, then one ``[table]`` per nested mapping."""
+    lines: list[str] = []
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            tables.append((prefix + key, value))
+        elif value is None:
+            lines.append(f"# {key} is not set")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in tables:
+        lines += ["", f"[{name}]", *_toml(table, name + ".")]
+    return lines
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value)
+    escaped = "".join(
+        "\\" + c if c in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+        for c in text
+    )
+    return f'"{escaped}"'
