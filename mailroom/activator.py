@@ -4,7 +4,7 @@ It binds the listening sockets, and when a connection waits on a socket whose se
 not running it starts the service with the sockets passed exactly as systemd passes them
 (sd_listen_fds(3): fds from 3 on, ``LISTEN_PID``, ``LISTEN_FDS``, ``LISTEN_FDNAMES``;
 ``Accept=no``). A service that exits (idle exit) is started again by the next connection.
-A service that fails right after starting is held back for a moment, like systemd's start
+A service that fails (exit status > 0) right after starting is held back for a moment, like systemd's start
 limit, so a broken config does not spin. SIGINT/SIGTERM stop the services and then itself.
 
     python -m mailroom.activator --service 'mailroom-smtpd:smtp=127.0.0.1:2525' ...
@@ -143,7 +143,7 @@ class Activator:
                     code = os.waitstatus_to_exitcode(status)
                     self.say(f"{service.name} (pid {pid}) exited with status {code}")
                     service.pid = None
-                    if code != 0 and time.monotonic() - service.started < HOLD_SECONDS:
+                    if code > 0 and time.monotonic() - service.started < HOLD_SECONDS:
                         service.hold_until = time.monotonic() + HOLD_SECONDS
 
     def shutdown(self) -> int:

@@ -1,0 +1,115 @@
+"""Benchmark ``smtp-inbound``: 10 KiB messages from concurrent SMTP sessions, until durable.
+
+mailroom-smtpd runs behind mailroom's activator exactly as in ``bin/dev``; every ``250`` it
+sends means the message is fsync'd in the Maildir, so the time until the last ``250`` is
+the time until all are durable. The same count and size go through the bare delivery code
+path (``fsync_limit``) with as many threads: the disk's limit, the figure to compare with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailroom.accounts import Accounts
+from tests.bench.fsync_limit import bench_fsync_limit, make_message
+
+
+@dataclass(frozen=True)
+class Row:
+    figure: str
+    mailroom: float
+    anchor: float
+    anchor_name: str
+    unit: str
+
+    @property
+    def ratio(self) -> float:
+        return self.mailroom / self.anchor if self.anchor else 0.0
+
+
+async def _session(port: int, message: bytes, count: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def reply() -> bytes:
+        while True:
+            line = await reader.readline()
+            if len(line) < 4 or line[3:4] != b"-":
+                if not line.startswith((b"2", b"3")):
+                    raise RuntimeError(f"unexpected reply {line!r}")
+                return line
+
+    await reply()
+    writer.write(b"EHLO bench.test\r\n")
+    await reply()
+    for _ in range(count):
+        writer.write(b"MAIL FROM:<load@elsewhere.test>\r\nRCPT TO:<u@bench.test>\r\nDATA\r\n")
+        for _ in range(3):
+            await reply()
+        writer.write(message + b".\r\n")
+        await reply()
+    writer.write(b"QUIT\r\n")
+    await reply()
+    writer.close()
+
+
+async def _load(port: int, message: bytes, total: int, connections: int) -> float:
+    share = [total // connections + (1 if i < total % connections else 0) for i in range(connections)]
+    start = time.perf_counter()
+    await asyncio.gather(*(_session(port, message, n) for n in share))
+    return time.perf_counter() - start
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(count: int = 2000, size: int = 10 * 1024, connections: int = 10) -> list[Row]:
+    work = Path(tempfile.mkdtemp(prefix="mailroom-bench-", dir="/var/tmp"))
+    try:
+        data = work / "data"
+        data.mkdir()
+        config = work / "config.toml"
+        config.write_text(f'hostname = "mail.bench.test"\ndata_dir = "{data}"\nlog_level = "WARNING"\n')
+        with Accounts(data / "auth.sqlite3") as accounts:
+            accounts.add_domain("bench.test")
+            accounts.add_user("u@bench.test", "bench password 1")
+        port = _free_port()
+        bindir = Path(sys.executable).parent
+        activator = subprocess.Popen(
+            [sys.executable, "-m", "mailroom.activator", "--service", f"{bindir / 'mailroom-smtpd'}:smtp=127.0.0.1:{port}"],
+            env={"CONFIG_PATH": str(config), "PATH": f"{bindir}:/usr/bin:/bin"},
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(0.5)
+            message = make_message(size)
+            asyncio.run(_load(port, message, connections, connections))  # start and warm up
+            seconds = asyncio.run(_load(port, message, count, connections))
+        finally:
+            activator.terminate()
+            activator.wait(30)
+        stored = len(list((data / "mail" / "bench.test" / "u" / "new").iterdir()))
+        if stored != count + connections:
+            raise RuntimeError(f"{stored} messages stored, expected {count + connections}")
+        limit = bench_fsync_limit(work / "limit", count, size, workers=connections)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [
+        Row(
+            f"smtp-inbound: {size // 1024} KiB messages, {connections} connections, until durable",
+            count / seconds,
+            limit,
+            "disk limit (write+fsync+link+fsync dir)",
+            "msg/s",
+        )
+    ]
