@@ -225,7 +225,7 @@ def user_list(domain: str | None) -> None:
 @user.command("disable")
 @click.argument("address")
 def user_disable(address: str) -> None:
-    """Refuse logins for a user (mail is still accepted and stored)."""
+    """Suspend a user: no logins, and new mail is refused (550 5.2.1); stored mail is kept."""
     with _accounts(load_settings()) as accounts:
         accounts.set_enabled(address, False)
     click.echo(f"disabled user {parse_address(address)}")
@@ -234,7 +234,7 @@ def user_disable(address: str) -> None:
 @user.command("enable")
 @click.argument("address")
 def user_enable(address: str) -> None:
-    """Allow logins for a user again."""
+    """Let a suspended user log in and receive mail again."""
     with _accounts(load_settings()) as accounts:
         accounts.set_enabled(address, True)
     click.echo(f"enabled user {parse_address(address)}")

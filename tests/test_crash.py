@@ -34,7 +34,10 @@ def _kill(pid: int) -> None:
 
 
 def _body(i: int) -> bytes:
-    return f"Subject: crash {i}\r\n\r\n".encode() + (f"line of message {i} ".encode() * 3 + b"\r\n") * 3000
+    return (
+        f"Subject: crash {i}\r\n\r\n".encode()
+        + (f"line of message {i} ".encode() * 3 + b"\r\n") * 3000
+    )
 
 
 def test_kill_during_data_leaves_nothing(smtpd: Server, mail_env: MailEnv) -> None:
@@ -56,7 +59,9 @@ def test_kill_right_after_250_keeps_message(smtpd: Server, mail_env: MailEnv) ->
     assert path.read_bytes().endswith(_body(1).replace(b"\r\n", b"\n"))
 
 
-def test_kill_at_random_moments_never_loses_acknowledged_mail(smtpd: Server, mail_env: MailEnv) -> None:
+def test_kill_at_random_moments_never_loses_acknowledged_mail(
+    smtpd: Server, mail_env: MailEnv
+) -> None:
     rng = random.Random(1234)
     acknowledged = set()
     for i in range(12):

@@ -61,7 +61,9 @@ async def _session(port: int, message: bytes, count: int) -> None:
 
 
 async def _load(port: int, message: bytes, total: int, connections: int) -> float:
-    share = [total // connections + (1 if i < total % connections else 0) for i in range(connections)]
+    share = [
+        total // connections + (1 if i < total % connections else 0) for i in range(connections)
+    ]
     start = time.perf_counter()
     await asyncio.gather(*(_session(port, message, n) for n in share))
     return time.perf_counter() - start
@@ -79,14 +81,22 @@ def run(count: int = 2000, size: int = 10 * 1024, connections: int = 10) -> list
         data = work / "data"
         data.mkdir()
         config = work / "config.toml"
-        config.write_text(f'hostname = "mail.bench.test"\ndata_dir = "{data}"\nlog_level = "WARNING"\n')
+        config.write_text(
+            f'hostname = "mail.bench.test"\ndata_dir = "{data}"\nlog_level = "WARNING"\n'
+        )
         with Accounts(data / "auth.sqlite3") as accounts:
             accounts.add_domain("bench.test")
             accounts.add_user("u@bench.test", "bench password 1")
         port = _free_port()
         bindir = Path(sys.executable).parent
         activator = subprocess.Popen(
-            [sys.executable, "-m", "mailroom.activator", "--service", f"{bindir / 'mailroom-smtpd'}:smtp=127.0.0.1:{port}"],
+            [
+                sys.executable,
+                "-m",
+                "mailroom.activator",
+                "--service",
+                f"{bindir / 'mailroom-smtpd'}:smtp=127.0.0.1:{port}",
+            ],
             env={"CONFIG_PATH": str(config), "PATH": f"{bindir}:/usr/bin:/bin"},
             stderr=subprocess.DEVNULL,
         )

@@ -1,0 +1,65 @@
+"""Logging: journal under systemd, stderr otherwise; credentials never reach a log line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mailroom.logs import RedactFilter, setup_logging, under_journal
+from tests.conftest import MailEnv, Server, write_config
+from tests.smtpclient import SMTPConversation
+
+
+@pytest.mark.parametrize(
+    ("message", "secret"),
+    [
+        ("C: AUTH PLAIN AGFsaWNlAHNlY3JldA==", "AGFsaWNlAHNlY3JldA=="),
+        ("C: PASS hunter2hunter2", "hunter2hunter2"),
+        ("C: a1 LOGIN alice hunter2hunter2", "hunter2hunter2"),
+        ("C: a1 AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==", "AGFsaWNlAHNlY3JldA=="),
+    ],
+)
+def test_redact_filter_masks_credentials(message: str, secret: str) -> None:
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (message,), None)
+    assert RedactFilter().filter(record)
+    assert secret not in record.getMessage()
+    assert "<redacted>" in record.getMessage()
+
+
+def test_journal_only_when_stderr_is_the_journal() -> None:
+    script = (
+        "import logging, os, sys\n"
+        "from mailroom.logs import setup_logging, under_journal\n"
+        "st = os.fstat(2)\n"
+        "os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}'\n"
+        "setup_logging('mailroom-test')\n"
+        "print(under_journal(), type(logging.getLogger().handlers[0]).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "JournalHandler"]
+    os.environ.pop("JOURNAL_STREAM", None)
+    assert not under_journal()
+    setup_logging("mailroom-test")
+    assert type(logging.getLogger().handlers[0]).__name__ == "StreamHandler"
+
+
+def test_server_log_has_no_credentials(mail_env: MailEnv, certificate: tuple) -> None:
+    write_config(mail_env.root, certificate, log_level="DEBUG")
+    smtpd = Server(mail_env)
+    with SMTPConversation(smtpd.port) as conv:
+        assert conv.last().startswith("220")
+        conv.line("EHLO client.test")
+        conv.reply()
+        conv.line("AUTH PLAIN AGFsaWNlAHNlY3JldHNlY3JldA==")
+        conv.last()
+        conv.line("MAIL FROM:<x@elsewhere.test>")
+        conv.last()
+        conv.line("RCPT TO:<alice@example.test>")
+        conv.last()
+    smtpd.stop()
+    assert "DEBUG" in smtpd.output()
+    assert "AGFsaWNlAHNlY3JldHNlY3JldA==" not in smtpd.output()
