@@ -305,13 +305,17 @@ def _count_received(content: bytes) -> int:
     return len(re.findall(rb"(?im)^received[ \t]*:", head))
 
 
+ENDPOINT_NAMES = ("smtp",)
+
+
 def endpoints(settings: Settings, accounts: Accounts) -> dict[str, Endpoint]:
     from mailroom.tls import server_context
 
     handler = InboundHandler(settings, accounts)
     tls = server_context(settings.tls_cert, settings.tls_key)
     busy = (replies.TOO_MANY_CONNECTIONS + "\r\n").encode()
-    return {"smtp": Endpoint(lambda: InboundSMTP(handler, settings, tls), busy)}
+    endpoint = Endpoint(lambda: InboundSMTP(handler, settings, tls), busy)
+    return dict.fromkeys(ENDPOINT_NAMES, endpoint)
 
 
 def main() -> int:

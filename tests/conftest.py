@@ -18,6 +18,7 @@ from mailroom.accounts import Accounts
 
 BIN = Path(sys.executable).parent
 HOSTNAME = "mail.example.test"
+Certificate = tuple[Path, Path]
 PASSWORD = "correct horse battery"
 
 
@@ -39,7 +40,7 @@ def wait_for_port(port: int, timeout: float = 10) -> None:
 
 
 @pytest.fixture(scope="session")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
     """A self-signed certificate for mail.example.test (what bin/dev makes too)."""
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "fullchain.pem", d / "privkey.pem"
@@ -80,7 +81,7 @@ class MailEnv:
         return Accounts(self.data_dir / "auth.sqlite3")
 
 
-def write_config(root: Path, certificate: tuple[Path, Path] | None, **keys: object) -> Path:
+def write_config(root: Path, certificate: Certificate | None, **keys: object) -> Path:
     lines = [f'hostname = "{HOSTNAME}"', f'data_dir = "{root / "data"}"']
     lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in keys.items()]
     if certificate:
@@ -91,7 +92,7 @@ def write_config(root: Path, certificate: tuple[Path, Path] | None, **keys: obje
 
 
 @pytest.fixture
-def mail_env(tmp_path: Path, certificate: tuple[Path, Path]) -> MailEnv:
+def mail_env(tmp_path: Path, certificate: Certificate) -> MailEnv:
     (tmp_path / "data").mkdir(mode=0o750)
     env = MailEnv(
         tmp_path,

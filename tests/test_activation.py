@@ -8,12 +8,14 @@ import smtplib
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from mailroom.activation import inherited_sockets
 from mailroom.errors import ActivationError
-from tests.conftest import BIN, MailEnv, Server, free_port, wait_for_port, write_config
+from tests.conftest import BIN, Certificate, MailEnv, Server, free_port, wait_for_port, write_config
 
 
 def test_inherited_sockets_reads_the_protocol() -> None:
@@ -54,7 +56,7 @@ def test_started_without_sockets_says_why(mail_env: MailEnv) -> None:
     assert "no sockets were passed" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_bad_config_no_traceback(tmp_path) -> None:
+def test_bad_config_no_traceback(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('hostname = "not a host"\n')
     env = dict(os.environ, CONFIG_PATH=str(config))
@@ -82,7 +84,7 @@ def send(port: int, to: str) -> None:
         client.sendmail("x@elsewhere.test", [to], b"Subject: t\r\n\r\nhello\r\n")
 
 
-def test_activator_idle_exit_and_restart(mail_env: MailEnv, certificate: tuple) -> None:
+def test_activator_idle_exit_and_restart(mail_env: MailEnv, certificate: Certificate) -> None:
     write_config(mail_env.root, certificate, idle_exit_seconds=1)
     server = Server(mail_env)
     try:
@@ -96,7 +98,7 @@ def test_activator_idle_exit_and_restart(mail_env: MailEnv, certificate: tuple) 
     assert len(mail_env.new_messages("alice@example.test")) == 2
 
 
-def test_systemd_socket_activate(mail_env: MailEnv, certificate: tuple) -> None:
+def test_systemd_socket_activate(mail_env: MailEnv, certificate: Certificate) -> None:
     write_config(mail_env.root, certificate, idle_exit_seconds=1)
     port = free_port()
     proc = subprocess.Popen(
@@ -115,7 +117,7 @@ def test_systemd_socket_activate(mail_env: MailEnv, certificate: tuple) -> None:
     assert path.read_bytes().endswith(b"\nSubject: t\n\nhello\n")
 
 
-def test_sigterm_finishes_open_session(mail_env: MailEnv, certificate: tuple) -> None:
+def test_sigterm_finishes_open_session(mail_env: MailEnv, certificate: Certificate) -> None:
     server = Server(mail_env)
     try:
         with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as client:
@@ -131,7 +133,7 @@ def test_sigterm_finishes_open_session(mail_env: MailEnv, certificate: tuple) ->
     assert len(mail_env.new_messages("carol@example.test")) == 1
 
 
-def _wait(condition, timeout: float) -> None:  # type: ignore[no-untyped-def]
+def _wait(condition: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

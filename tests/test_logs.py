@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mailroom.logs import RedactFilter, setup_logging, under_journal
-from tests.conftest import MailEnv, Server, write_config
+from tests.conftest import Certificate, MailEnv, Server, write_config
 from tests.smtpclient import SMTPConversation
 
 
@@ -47,7 +47,7 @@ def test_journal_only_when_stderr_is_the_journal() -> None:
     assert type(logging.getLogger().handlers[0]).__name__ == "StreamHandler"
 
 
-def test_server_log_has_no_credentials(mail_env: MailEnv, certificate: tuple) -> None:
+def test_server_log_has_no_credentials(mail_env: MailEnv, certificate: Certificate) -> None:
     write_config(mail_env.root, certificate, log_level="DEBUG")
     smtpd = Server(mail_env)
     with SMTPConversation(smtpd.port) as conv:

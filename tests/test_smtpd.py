@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MailEnv, Server
+from tests.conftest import Certificate, MailEnv, Server
 from tests.smtpclient import SMTPConversation, run_transcript
 
 MESSAGE = (
@@ -257,7 +257,7 @@ def test_starttls_injection_and_envelope_reset(smtpd: Server) -> None:
         assert conv.last().startswith("503 5.5.1")  # MAIL FROM from before TLS is gone
 
 
-def test_size_limits(mail_env: MailEnv, certificate: tuple) -> None:
+def test_size_limits(mail_env: MailEnv, certificate: Certificate) -> None:
     from tests.conftest import write_config
 
     write_config(mail_env.root, certificate, message_size_limit=4096)
@@ -306,7 +306,7 @@ def test_long_lines_bounded(smtpd: Server, mail_env: MailEnv) -> None:
     assert mail_env.new_messages("alice@example.test") == []
 
 
-def test_recipient_limit(mail_env: MailEnv, certificate: tuple) -> None:
+def test_recipient_limit(mail_env: MailEnv, certificate: Certificate) -> None:
     from tests.conftest import write_config
 
     with mail_env.accounts() as accounts:
@@ -359,7 +359,7 @@ def test_quota(smtpd: Server, mail_env: MailEnv) -> None:
     assert mail_env.new_messages("bob@example.test") == []
 
 
-def test_connections_per_ip(mail_env: MailEnv, certificate: tuple) -> None:
+def test_connections_per_ip(mail_env: MailEnv, certificate: Certificate) -> None:
     with open(mail_env.config, "a") as f:
         f.write("[smtp]\nmax_connections_per_ip = 3\n")
     server = Server(mail_env)
