@@ -3,7 +3,8 @@
 What this module owns:
 
 - ``inherited_sockets()`` reads the systemd protocol (``LISTEN_PID``, ``LISTEN_FDS``,
-  ``LISTEN_FDNAMES``; sd_listen_fds(3)) and returns the sockets by fd name.
+  ``LISTEN_FDNAMES``; sd_listen_fds(3)) through libsystemd (systemd-python) where it is
+  installed, else from the environment directly, and returns the sockets by fd name.
 - ``serve()`` runs one asyncio loop over those sockets, picks the protocol per fd name,
   limits connections (in all and per client address), exits by itself after
   ``idle_exit_seconds`` with no connection open, and on SIGTERM/SIGINT stops accepting and
@@ -48,15 +49,15 @@ def inherited_sockets(environ: Mapping[str, str] | None = None) -> dict[str, lis
     except ValueError:
         raise ActivationError(f"LISTEN_FDS is not a number: {env.get('LISTEN_FDS')!r}") from None
     names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    fds = {SD_LISTEN_FDS_START + i: names[i] if i < len(names) else "unknown" for i in range(count)}
     if environ is None:
+        fds = _systemd_listen_fds() or fds
         for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(key, None)
-    if count < 1:
+    if not fds:
         raise ActivationError("LISTEN_FDS says no sockets were passed")
     result: dict[str, list[socket.socket]] = {}
-    for i in range(count):
-        fd = SD_LISTEN_FDS_START + i
-        name = names[i] if i < len(names) else "unknown"
+    for fd, name in fds.items():
         try:
             sock = socket.socket(fileno=fd)
         except OSError as err:
@@ -65,6 +66,15 @@ def inherited_sockets(environ: Mapping[str, str] | None = None) -> dict[str, lis
         sock.setblocking(False)
         result.setdefault(name, []).append(sock)
     return result
+
+
+def _systemd_listen_fds() -> dict[int, str]:
+    """sd_listen_fds_with_names(3) through systemd-python, when it is installed."""
+    try:
+        from systemd.daemon import listen_fds_with_names
+    except ImportError:
+        return {}
+    return {int(fd): str(name) for fd, name in listen_fds_with_names(unset_environment=False).items()}
 
 
 @dataclass(frozen=True, slots=True)
