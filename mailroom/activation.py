@@ -74,7 +74,9 @@ def _systemd_listen_fds() -> dict[int, str]:
         from systemd.daemon import listen_fds_with_names
     except ImportError:
         return {}
-    return {int(fd): str(name) for fd, name in listen_fds_with_names(unset_environment=False).items()}
+    return {
+        int(fd): str(name) for fd, name in listen_fds_with_names(unset_environment=False).items()
+    }
 
 
 @dataclass(frozen=True, slots=True)

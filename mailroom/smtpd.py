@@ -43,6 +43,7 @@ _HELO_RE = re.compile(
     r"|[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?)$"
 )
 _READ_LIMIT = 64 * 1024
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[\x21-\x7e]{1,250}>)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -285,6 +286,7 @@ class InboundHandler:
         if _count_received(content) > self.settings.smtp.max_received_headers:
             return replies.TOO_MANY_HOPS
         queue_id = new_queue_id()
+        message_id = _message_id(content)
         header = self.trace_headers(server, session, envelope, queue_id)
         message = header + content
         targets = [(self._maildir(u), "") for u in envelope.mailboxes.values()]
@@ -300,12 +302,13 @@ class InboundHandler:
             log.error("%s not delivered: %s", queue_id, err, extra={"CLIENT_ADDR": peer})
             return replies.LOCAL_ERROR
         log.info(
-            "%s delivered from=<%s> to %s size=%d",
+            "%s delivered from=<%s> to %s size=%d message-id=%s",
             queue_id,
             _printable(envelope.mail_from or ""),
             ",".join(envelope.mailboxes),
             len(message),
-            extra={"CLIENT_ADDR": peer, "QUEUE_ID": queue_id},
+            message_id,
+            extra={"CLIENT_ADDR": peer, "QUEUE_ID": queue_id, "MAIL_MESSAGE_ID": message_id},
         )
         return f"250 2.0.0 Ok: delivered as {queue_id}"
 
@@ -361,6 +364,13 @@ def _has_bare_line_end_or_nul(content: bytes) -> bool:
     """True if a CR or LF stands alone, or a NUL appears (RFC 5321 2.3.8, 4.1.1.4)."""
     crlf = content.count(b"\r\n")
     return content.count(b"\r") != crlf or content.count(b"\n") != crlf or b"\x00" in content
+
+
+def _message_id(content: bytes) -> str:
+    """The Message-ID of the message, for the logs ("" when it has none)."""
+    end = content.find(b"\r\n\r\n")
+    match = _MESSAGE_ID.search(content, 0, end if end >= 0 else len(content))
+    return match.group(1).decode("ascii", "replace") if match else ""
 
 
 def _count_received(content: bytes) -> int:

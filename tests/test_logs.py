@@ -63,3 +63,19 @@ def test_server_log_has_no_credentials(mail_env: MailEnv, certificate: Certifica
     smtpd.stop()
     assert "DEBUG" in smtpd.output()
     assert "AGFsaWNlAHNlY3JldHNlY3JldA==" not in smtpd.output()
+
+
+def test_delivery_log_names_client_queue_id_and_message_id(
+    smtpd: Server, mail_env: MailEnv
+) -> None:
+    with SMTPConversation(smtpd.port) as conv:
+        assert conv.last().startswith("220")
+        conv.send(
+            b"EHLO c.test\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+        )
+        assert [conv.last()[:3] for _ in range(4)] == ["250", "250", "250", "354"]
+        conv.send(b"Message-ID: <abc.123@elsewhere.test>\r\nSubject: s\r\n\r\nhi\r\n.\r\n")
+        queue_id = conv.last().split()[-1]
+    smtpd.stop()
+    line = next(x for x in smtpd.output().splitlines() if " delivered " in x)
+    assert queue_id in line and "message-id=<abc.123@elsewhere.test>" in line
