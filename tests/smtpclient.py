@@ -47,6 +47,28 @@ class SMTPConversation:
     def last(self) -> str:
         return self.reply()[-1]
 
+    def expect(self, command: str, code: str) -> list[str]:
+        """Send ``command``; the reply's last line must start with ``code``."""
+        self.line(command)
+        reply = self.reply()
+        assert reply[-1].startswith(code), f"{command!r}: expected {code}, got {reply}"
+        return reply
+
+    def hello(self) -> None:
+        """Read the greeting and say EHLO."""
+        assert self.last().startswith("220 ")
+        self.expect("EHLO client.test", "250 ")
+
+    def transaction(
+        self, rcpts: list[str], sender: str = "x@elsewhere.test", data: bool = True
+    ) -> None:
+        """MAIL FROM, every RCPT TO (each accepted) and, with ``data``, DATA up to its 354."""
+        self.expect(f"MAIL FROM:<{sender}>", "250 2.1.0")
+        for rcpt in rcpts:
+            self.expect(f"RCPT TO:<{rcpt}>", "250 2.1.5")
+        if data:
+            self.expect("DATA", "354 ")
+
     def starttls(self, context: ssl.SSLContext | None = None) -> None:
         if context is None:
             context = ssl.create_default_context()

@@ -13,16 +13,9 @@ from tests.smtpclient import SMTPConversation
 
 def _open_session(server: Server) -> tuple[SMTPConversation, int]:
     conv = SMTPConversation(server.port)
-    assert conv.last().startswith("220")
+    conv.hello()
     [pid] = server.child_pids()
-    conv.line("EHLO client.test")
-    conv.reply()
-    conv.line("MAIL FROM:<x@elsewhere.test>")
-    assert conv.last().startswith("250")
-    conv.line("RCPT TO:<alice@example.test>")
-    assert conv.last().startswith("250")
-    conv.line("DATA")
-    assert conv.last().startswith("354")
+    conv.transaction(["alice@example.test"])
     return conv, pid
 
 

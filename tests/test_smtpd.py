@@ -28,14 +28,8 @@ MESSAGE = (
 def session(
     conv: SMTPConversation, rcpts: list[str], sender: str = "sender@elsewhere.test"
 ) -> None:
-    assert conv.last().startswith("220 ")
-    conv.line("EHLO client.test")
-    assert conv.last().startswith("250 ")
-    conv.line(f"MAIL FROM:<{sender}>")
-    assert conv.last().startswith("250 2.1.0")
-    for rcpt in rcpts:
-        conv.line(f"RCPT TO:<{rcpt}>")
-        assert conv.last().startswith("250 2.1.5"), rcpt
+    conv.hello()
+    conv.transaction(rcpts, sender, data=False)
 
 
 def test_ehlo_advertises_extensions(smtpd: Server) -> None:
@@ -59,8 +53,7 @@ def test_ehlo_advertises_extensions(smtpd: Server) -> None:
 def test_delivery_exact_bytes(smtpd: Server, mail_env: MailEnv) -> None:
     with SMTPConversation(smtpd.port) as conv:
         session(conv, ["alice@example.test"])
-        conv.line("DATA")
-        assert conv.last().startswith("354 ")
+        conv.expect("DATA", "354 ")
         conv.send(MESSAGE + b".\r\n")
         reply = conv.last()
         assert reply.startswith("250 2.0.0 Ok: delivered as ")
@@ -229,8 +222,7 @@ def test_smuggling_rejected(smtpd: Server, mail_env: MailEnv, ending: bytes) -> 
     )
     with SMTPConversation(smtpd.port) as conv:
         session(conv, ["alice@example.test"])
-        conv.line("DATA")
-        assert conv.last().startswith("354")
+        conv.expect("DATA", "354 ")
         conv.send(b"Subject: a\r\n\r\nbody" + ending + smuggled + b".\r\n")
         assert conv.last().startswith("554 5.6.0 ")
         # the session is still in step: the smuggled commands were data, never executed
@@ -265,16 +257,9 @@ def test_size_limits(mail_env: MailEnv, certificate: Certificate) -> None:
     try:
         with SMTPConversation(server.port) as conv:
             assert conv.last().startswith("220")
-            conv.line("EHLO client.test")
-            assert "250-SIZE 4096" in conv.reply()
-            conv.line("MAIL FROM:<x@elsewhere.test> SIZE=5000")
-            assert conv.last().startswith("552 5.3.4")
-            conv.line("MAIL FROM:<x@elsewhere.test>")
-            assert conv.last().startswith("250")
-            conv.line("RCPT TO:<alice@example.test>")
-            assert conv.last().startswith("250")
-            conv.line("DATA")
-            assert conv.last().startswith("354")
+            assert "250-SIZE 4096" in conv.expect("EHLO client.test", "250 ")
+            conv.expect("MAIL FROM:<x@elsewhere.test> SIZE=5000", "552 5.3.4")
+            conv.transaction(["alice@example.test"])
             conv.send(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 100 + b".\r\n")
             assert conv.last().startswith("552 5.3.4")
     finally:
@@ -285,8 +270,7 @@ def test_size_limits(mail_env: MailEnv, certificate: Certificate) -> None:
 def test_long_lines_bounded(smtpd: Server, mail_env: MailEnv) -> None:
     with SMTPConversation(smtpd.port) as conv:
         session(conv, ["alice@example.test"])
-        conv.line("DATA")
-        assert conv.last().startswith("354")
+        conv.expect("DATA", "354 ")
         conv.send(b"Subject: long\r\n\r\n" + b"z" * 1001 + b"\r\n.\r\n")
         assert conv.last().startswith("500 5.5.2 Line too long")
         # a 10 MB command line without CRLF: read and discarded piecewise, then one error
@@ -332,16 +316,10 @@ def test_hop_count(smtpd: Server, mail_env: MailEnv) -> None:
     )
     with SMTPConversation(smtpd.port) as conv:
         session(conv, ["alice@example.test"])
-        conv.line("DATA")
-        assert conv.last().startswith("354")
+        conv.expect("DATA", "354 ")
         conv.send(hops + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
         assert conv.last().startswith("554 5.4.6")
-        conv.line("MAIL FROM:<x@elsewhere.test>")
-        assert conv.last().startswith("250")
-        conv.line("RCPT TO:<alice@example.test>")
-        assert conv.last().startswith("250")
-        conv.line("DATA")
-        assert conv.last().startswith("354")
+        conv.transaction(["alice@example.test"])
         conv.send(hops[: len(hops) // 51 * 50] + b"Subject: ok\r\n\r\nbody\r\n.\r\n")
         assert conv.last().startswith("250 2.0.0")
     assert len(mail_env.new_messages("alice@example.test")) == 1
@@ -352,8 +330,7 @@ def test_quota(smtpd: Server, mail_env: MailEnv) -> None:
         accounts.set_quota("bob@example.test", 2000)
     with SMTPConversation(smtpd.port) as conv:
         session(conv, ["bob@example.test"])
-        conv.line("DATA")
-        assert conv.last().startswith("354")
+        conv.expect("DATA", "354 ")
         conv.send(b"Subject: big\r\n\r\n" + (b"q" * 70 + b"\r\n") * 40 + b".\r\n")
         assert conv.last().startswith("552 5.2.2")
     assert mail_env.new_messages("bob@example.test") == []
