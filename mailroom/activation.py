@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ class Endpoint:
 
     factory: ProtocolFactory
     busy_reply: bytes
+    tls: ssl.SSLContext | None = None  # implicit TLS (ports 465, 993, 995): handshake first
 
 
 class _Refuse(asyncio.Protocol):
@@ -249,7 +251,7 @@ async def serve(
     for name, socks in sockets.items():
         for sock in socks:
             factory = _tracked_factory(endpoints[name], tracker)
-            servers.append(await loop.create_server(factory, sock=sock))
+            servers.append(await loop.create_server(factory, sock=sock, ssl=endpoints[name].tls))
     log.info("serving %s", ", ".join(f"{n} ({len(s)} socket(s))" for n, s in sockets.items()))
     await stop.wait()
     for server in servers:

@@ -52,6 +52,16 @@ class SMTPSettings(_Section):
     max_received_headers: int = Field(default=50, ge=10, le=500)
 
 
+class IMAPSettings(_Section):
+    """Limits and timeouts of the IMAP server."""
+
+    max_connections: int = Field(default=200, ge=1)
+    max_connections_per_ip: int = Field(default=20, ge=1)
+    preauth_timeout_seconds: float = Field(default=60, ge=10)
+    # RFC 9051 5.4: the autologout timer is at least 30 minutes.
+    autologout_seconds: float = Field(default=30 * 60, ge=30 * 60)
+
+
 class DNSSettings(_Section):
     """Where DNS questions go; empty means the system resolver."""
 
@@ -76,6 +86,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     tls: TLSSettings = TLSSettings()
     smtp: SMTPSettings = SMTPSettings()
+    imap: IMAPSettings = IMAPSettings()
     dns: DNSSettings = DNSSettings()
 
     @field_validator("hostname")

@@ -18,7 +18,6 @@ import logging
 import re
 import secrets
 import ssl
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -28,12 +27,12 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from mailroom import replies
 from mailroom.accounts import Accounts, User
-from mailroom.activation import Endpoint, Limits, inherited_sockets, serve
+from mailroom.activation import Endpoint, Limits, serve
 from mailroom.addresses import Address, normalise_domain, parse_address
-from mailroom.config import Settings, load_settings
-from mailroom.errors import DeliveryError, InvalidNameError, MailroomError, QuotaExceededError
-from mailroom.logs import setup_logging
+from mailroom.config import Settings
+from mailroom.errors import DeliveryError, InvalidNameError, QuotaExceededError
 from mailroom.maildir import Maildir, check_quota, deliver_all
+from mailroom.service import Sockets, run
 
 log = logging.getLogger(__name__)
 
@@ -393,30 +392,16 @@ def endpoints(settings: Settings, accounts: Accounts) -> dict[str, Endpoint]:
     return dict.fromkeys(ENDPOINT_NAMES, endpoint)
 
 
+async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> None:
+    await serve(
+        endpoints(settings, accounts),
+        sockets,
+        limits=Limits(settings.smtp.max_connections, settings.smtp.max_connections_per_ip),
+        idle_exit_seconds=settings.idle_exit_seconds,
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
+    )
+
+
 def main() -> int:
     """Entry point of ``mailroom-smtpd``."""
-    try:
-        settings = load_settings()
-    except MailroomError as err:
-        print(f"mailroom-smtpd: {err}", file=sys.stderr)
-        return 78  # EX_CONFIG
-    setup_logging("mailroom-smtpd", settings.log_level)
-    try:
-        sockets = inherited_sockets()
-        with Accounts(settings.auth_db) as accounts:
-            asyncio.run(
-                serve(
-                    endpoints(settings, accounts),
-                    sockets,
-                    limits=Limits(
-                        settings.smtp.max_connections, settings.smtp.max_connections_per_ip
-                    ),
-                    idle_exit_seconds=settings.idle_exit_seconds,
-                    shutdown_grace_seconds=settings.shutdown_grace_seconds,
-                )
-            )
-    except MailroomError as err:
-        log.error("%s", err)
-        print(f"mailroom-smtpd: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run("mailroom-smtpd", _serve)
