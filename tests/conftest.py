@@ -46,6 +46,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
     cert, key = d / "fullchain.pem", d / "privkey.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={HOSTNAME}",
+         "-addext", f"subjectAltName=DNS:{HOSTNAME},DNS:localhost,IP:127.0.0.1",
          "-keyout", key, "-out", cert],
         check=True, capture_output=True,
     )  # fmt: skip
@@ -113,15 +114,16 @@ def mail_env(tmp_path: Path, certificate: Certificate) -> MailEnv:
 
 
 class Server:
-    """mailroom-smtpd behind mailroom's own activator on a free port."""
+    """A mailroom program behind mailroom's own activator, on free ports (one per fd name)."""
 
-    def __init__(self, env: MailEnv, programs: str = "mailroom-smtpd", name: str = "smtp") -> None:
-        self.port = free_port()
-        self.log_path = env.root / "activator.log"
+    def __init__(self, env: MailEnv, program: str = "mailroom-smtpd", names: tuple[str, ...] = ("smtp",)) -> None:
+        self.ports = {name: free_port() for name in names}
+        self.port = self.ports[names[0]]
+        self.log_path = env.root / f"activator-{program}.log"
         self.log = self.log_path.open("wb")
+        binds = ",".join(f"{name}=127.0.0.1:{port}" for name, port in self.ports.items())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailroom.activator", "--service",
-             f"{BIN / programs}:{name}=127.0.0.1:{self.port}"],
+            [sys.executable, "-m", "mailroom.activator", "--service", f"{BIN / program}:{binds}"],
             env=env.environ(), stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_for_port(self.port)
