@@ -9,9 +9,14 @@ Every error mailroom raises on purpose is a ``MailroomError``; anything else is 
     │   ├── NotFoundError         the domain, user or alias does not exist
     │   └── ExistsError           the domain, user or alias already exists
     ├── ActivationError           no usable sockets were passed by systemd (or bin/dev)
-    └── DeliveryError             a message could not be stored; ``permanent`` says whether
-        │                         a retry can help (False: temporary, 4xx; True: 5xx)
-        └── QuotaExceededError    the mailbox is over its quota (permanent)
+    ├── DeliveryError             a message could not be stored; ``permanent`` says whether
+    │   │                         a retry can help (False: temporary, 4xx; True: 5xx)
+    │   └── QuotaExceededError    the mailbox is over its quota (permanent)
+    └── MailStoreError            a mail store (folder) operation failed
+        ├── MailboxNotFoundError      no such folder
+        ├── MailboxExistsError        the folder exists already
+        ├── InvalidMailboxNameError   a folder name that is not allowed (.., /x, a//b, NUL, ...)
+        └── MessageGoneError          the message was expunged meanwhile
 """
 
 from __future__ import annotations
@@ -58,3 +63,23 @@ class QuotaExceededError(DeliveryError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, permanent=True)
+
+
+class MailStoreError(MailroomError):
+    """A mail store (folder) operation failed."""
+
+
+class MailboxNotFoundError(MailStoreError):
+    """The folder does not exist."""
+
+
+class MailboxExistsError(MailStoreError):
+    """The folder exists already."""
+
+
+class InvalidMailboxNameError(MailStoreError):
+    """A folder name that is not allowed (it could escape the user's directory, or is malformed)."""
+
+
+class MessageGoneError(MailStoreError):
+    """The message was expunged (by another session) before it could be read."""
