@@ -7,27 +7,36 @@ import json
 import sys
 from collections.abc import Callable
 
-from tests.bench import smtp_inbound
+from tests.bench import imap, smtp_inbound
 
-SCENARIOS: dict[str, Callable[..., list[smtp_inbound.Row]]] = {"smtp-inbound": smtp_inbound.run}
+SCENARIOS: dict[str, Callable[..., list[smtp_inbound.Row]]] = {
+    "smtp-inbound": smtp_inbound.run,
+    "imap": imap.run,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bin/bench", description=__doc__)
     parser.add_argument("scenario", nargs="*", choices=[[], *SCENARIOS], help="default: all")
-    parser.add_argument("--count", type=int, default=2000, help="messages per scenario")
+    parser.add_argument(
+        "--count", type=int, help="messages per scenario (default: each scenario's own)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    rows = [row for name in args.scenario or SCENARIOS for row in SCENARIOS[name](count=args.count)]
+    options = {} if args.count is None else {"count": args.count}
+    rows = [row for name in args.scenario or SCENARIOS for row in SCENARIOS[name](**options)]
     if args.json:
         out = [{**row.__dict__, "ratio": row.ratio} for row in rows]
         json.dump(out, sys.stdout, indent=2)
         print()
         return 0
-    print(f"{'figure':<70} {'mailroom':>10} {'anchor':>10} {'ratio':>6}")
+    print(f"{'figure':<62} {'unit':>6} {'mailroom':>10} {'anchor':>10} {'ratio':>6}")
     for row in rows:
-        print(f"{row.figure:<70} {row.mailroom:>10.1f} {row.anchor:>10.1f} {row.ratio:>6.2f}")
-        print(f"  ({row.unit}; anchor: {row.anchor_name})")
+        print(
+            f"{row.figure:<62} {row.unit:>6} {row.mailroom:>10.1f} {row.anchor:>10.1f} {row.ratio:>6.2f}"
+        )
+    for anchor in sorted({row.anchor_name for row in rows}):
+        print(f"anchor: {anchor}")
     return 0
 
 

@@ -33,6 +33,9 @@ class Row:
 
     @property
     def ratio(self) -> float:
+        """How mailroom compares, higher is better: rates divide, durations divide the other way."""
+        if self.unit == "ms":
+            return self.anchor / self.mailroom if self.mailroom else 0.0
         return self.mailroom / self.anchor if self.anchor else 0.0
 
 
