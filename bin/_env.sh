@@ -16,7 +16,17 @@ ensure_apt() {
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Servers installed as test peers or benchmark anchors (Dovecot, Postfix) must not start
+    # on the machine's own ports: policy-rc.d forbids starting services during the install.
+    local policy=/usr/sbin/policy-rc.d made_policy=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod +x "$policy" && made_policy=1
+    fi
+    local status=0
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || status=$?
+    [ -z "$made_policy" ] || $sudo rm -f "$policy"
+    return $status
 }
 
 ensure_venv() {  # ensure_venv EXTRAS  (e.g. "" or "[test]")
