@@ -12,11 +12,19 @@ Every error mailroom raises on purpose is a ``MailroomError``; anything else is 
     ├── DeliveryError             a message could not be stored; ``permanent`` says whether
     │   │                         a retry can help (False: temporary, 4xx; True: 5xx)
     │   └── QuotaExceededError    the mailbox is over its quota (permanent)
-    └── MailStoreError            a mail store (folder) operation failed
-        ├── MailboxNotFoundError      no such folder
-        ├── MailboxExistsError        the folder exists already
-        ├── InvalidMailboxNameError   a folder name that is not allowed (.., /x, a//b, NUL, ...)
-        └── MessageGoneError          the message was expunged meanwhile
+    └── StoreError                a mail store operation (the IMAP/POP3 view of a Maildir) failed,
+        │                         or is not allowed (IMAP [CANNOT])
+        ├── MailboxNotFoundError      no such mailbox (IMAP [NONEXISTENT] / [TRYCREATE])
+        ├── MailboxExistsError        the mailbox exists already (IMAP [ALREADYEXISTS])
+        ├── InvalidMailboxNameError   a name that is not allowed (.., /x, a//b, NUL, ...)
+        ├── MessageGoneError          the message was expunged meanwhile
+        ├── InvalidFlagError          not a valid flag or keyword, or \\Recent (IMAP BAD)
+        ├── KeywordLimitError         the folder already has the 26 keywords Maildir can name
+        │                             (IMAP [LIMIT])
+        └── SpecialUseError           a special-use attribute mailroom does not support
+                                      (IMAP [USEATTR])
+
+The store raises ``QuotaExceededError`` too, for an APPEND or COPY over the user's quota.
 """
 
 from __future__ import annotations
@@ -65,21 +73,33 @@ class QuotaExceededError(DeliveryError):
         super().__init__(message, permanent=True)
 
 
-class MailStoreError(MailroomError):
-    """A mail store (folder) operation failed."""
+class StoreError(MailroomError):
+    """A mail store operation failed or is not allowed."""
 
 
-class MailboxNotFoundError(MailStoreError):
+class MailboxNotFoundError(StoreError):
     """The folder does not exist."""
 
 
-class MailboxExistsError(MailStoreError):
+class MailboxExistsError(StoreError):
     """The folder exists already."""
 
 
-class InvalidMailboxNameError(MailStoreError):
+class InvalidMailboxNameError(StoreError):
     """A folder name that is not allowed (it could escape the user's directory, or is malformed)."""
 
 
-class MessageGoneError(MailStoreError):
+class MessageGoneError(StoreError):
     """The message was expunged (by another session) before it could be read."""
+
+
+class InvalidFlagError(StoreError):
+    """A flag that is not a valid keyword, or one a client cannot set (\\Recent)."""
+
+
+class KeywordLimitError(StoreError):
+    """The folder has no keyword letter left: Maildir names at most 26 keywords."""
+
+
+class SpecialUseError(StoreError):
+    """The special-use attribute is not one mailroom supports."""
