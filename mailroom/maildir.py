@@ -5,7 +5,9 @@ message into it. What it promises:
 
 * **Layout.** A mailbox is a Maildir++ root (``cur/ new/ tmp/``); a folder ``Name`` is the
   subdirectory ``.Name/`` with its own ``cur/ new/ tmp/`` and an empty ``maildirfolder`` marker,
-  so mutt and Dovecot read the tree as it is. Directories are created mode 0700 and files mode
+  so mutt and Dovecot read the tree as it is. Folder names are Maildir++ names as they are on
+  disk: ``.`` separates hierarchy levels (``a.b`` is ``a/b``), and non-ASCII names arrive here
+  already in modified UTF-7 (``mailroom.mailstore`` maps IMAP names to these). Directories are created mode 0700 and files mode
   0600 (the umask can only narrow these). Everything is created on demand and ``create`` is
   idempotent and safe to race against itself.
 * **Format.** Messages arrive with CRLF line ends and are stored with LF (the Maildir
@@ -48,10 +50,11 @@ SUBDIRS = ("cur", "new", "tmp")  # tmp last: a maildir with tmp/ is complete
 FOLDER_MARKER = "maildirfolder"  # Maildir++: marks a folder for Courier/Dovecot
 DIR_MODE = 0o700
 FILE_MODE = 0o600
-MAX_FOLDER_NAME = 100
+MAX_FOLDER_NAME = 254  # ".{folder}" is one file-name component: at most 255 bytes
 LINK_ATTEMPTS = 5
 
-_FOLDER_RE = re.compile(r"^[A-Za-z0-9_-](?:[A-Za-z0-9 _-]*[A-Za-z0-9_-])?$")
+# One level of a Maildir++ folder name: printable ASCII without "/" and ".", no space at the ends.
+_LEVEL_RE = re.compile(r"^[!-\-0-~](?:[ -\-0-~]*[!-\-0-~])?$")
 _SIZE_RE = re.compile(r",S=(\d+)")
 _TMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -96,17 +99,24 @@ def wire_size(stored: bytes) -> int:
 
 
 def validate_folder(folder: str) -> None:
-    """Refuse a folder name that is not letters, digits, space, ``-`` and ``_``.
+    """Refuse a Maildir++ folder name that could leave the mailbox or is malformed.
 
-    No dots (the Maildir++ hierarchy separator), no slashes, no leading or trailing space,
-    ASCII only (Dovecot stores non-ASCII folder names in modified UTF-7, RFC 3501 5.1.3),
-    and not ``INBOX``, which IMAP reserves for the root. ``""`` is INBOX itself.
+    A name is levels separated by ``.`` (``Lists.mailroom`` is ``Lists/mailroom``); each level
+    is printable ASCII without ``/`` or ``.`` and without a space at either end, so no level
+    is empty, ``.`` or ``..``. Non-ASCII names are stored in modified UTF-7 (RFC 3501 5.1.3),
+    as Dovecot does. ``INBOX`` itself is refused (IMAP reserves it for the root), its
+    sub-folders (``INBOX.x``) are not. ``""`` is INBOX, the root.
     """
     if folder == "":
         return
-    if len(folder) > MAX_FOLDER_NAME or not _FOLDER_RE.match(folder) or folder.upper() == "INBOX":
+    if (
+        len(folder) > MAX_FOLDER_NAME
+        or folder.upper() == "INBOX"
+        or not all(_LEVEL_RE.match(level) for level in folder.split("."))
+    ):
         raise DeliveryError(
-            f"invalid folder name {folder!r}: use letters, digits, space, '-' and '_'",
+            f"invalid folder name {folder!r}: levels separated by '.', each printable ASCII"
+            " without '/' and without a space at either end",
             permanent=True,
         )
 
@@ -275,12 +285,16 @@ def _create_empty(path: Path) -> bool:
     return True
 
 
-def _write_tmp(maildir: Maildir, folder_dir: Path, name: str, data: bytes) -> Path:
-    """Write ``data`` to ``tmp/name``, fsync and close; the file is removed on failure."""
+def _write_tmp(
+    maildir: Maildir, folder_dir: Path, name: str, data: bytes, mtime: float | None = None
+) -> Path:
+    """Write ``data`` to ``tmp/name`` (mtime set if given), fsync and close; removed on failure."""
     tmp = folder_dir / "tmp" / name
     fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
     try:
         _write_all(fd, data)
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
         maildir.fsync(fd)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -318,8 +332,13 @@ def _unlink_quietly(path: Path) -> None:
         log.warning("cannot remove %s: %s", path, exc)
 
 
-def deliver_all(targets: Sequence[tuple[Maildir, str]], message: bytes) -> list[Path]:
+def deliver_all(
+    targets: Sequence[tuple[Maildir, str]], message: bytes, *, mtime: float | None = None
+) -> list[Path]:
     """Store one message (CRLF line ends) in every ``(maildir, folder)``; paths in new/.
+
+    ``mtime`` (seconds since the epoch) becomes the files' modification time before they are
+    fsynced: IMAP APPEND's internal date, which Maildir readers take from the mtime.
 
     Each target gets its own file (no inode shared between mailboxes). All files are written
     and fsynced before the first link, so an error while writing leaves no copy anywhere; then
@@ -336,7 +355,7 @@ def deliver_all(targets: Sequence[tuple[Maildir, str]], message: bytes) -> list[
     try:
         for maildir, folder in targets:
             folder_dir = maildir.folder_path(folder)
-            tmp = _write_tmp_on_demand(maildir, folder, folder_dir, suffix, stored)
+            tmp = _write_tmp_on_demand(maildir, folder, folder_dir, suffix, stored, mtime)
             pending.append((maildir, folder_dir, tmp))
         delivered: list[Path] = []
         to_sync: dict[Path, Maildir] = {}
@@ -361,17 +380,22 @@ def deliver_all(targets: Sequence[tuple[Maildir, str]], message: bytes) -> list[
 
 
 def _write_tmp_on_demand(
-    maildir: Maildir, folder: str, folder_dir: Path, suffix: str, data: bytes
+    maildir: Maildir,
+    folder: str,
+    folder_dir: Path,
+    suffix: str,
+    data: bytes,
+    mtime: float | None = None,
 ) -> Path:
     """``_write_tmp`` under a fresh unique name, creating the mailbox or folder if missing."""
     name = maildir.unique() + suffix
     try:
         for _ in range(LINK_ATTEMPTS):
             try:
-                return _write_tmp(maildir, folder_dir, name, data)
+                return _write_tmp(maildir, folder_dir, name, data, mtime)
             except FileNotFoundError:
                 maildir.create(folder)
-                return _write_tmp(maildir, folder_dir, name, data)
+                return _write_tmp(maildir, folder_dir, name, data, mtime)
             except FileExistsError:  # maildir(5): a name in use means try another
                 name = maildir.unique() + suffix
         raise FileExistsError(errno.EEXIST, f"no unused name after {LINK_ATTEMPTS} attempts")

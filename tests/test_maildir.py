@@ -152,7 +152,9 @@ def test_deliver_to_a_folder_creates_it_on_demand(tmp_path: Path) -> None:
     [
         ".",
         "..",
-        "a.b",
+        "a..b",
+        "a.",
+        "a. b",
         ".Junk",
         "a/b",
         "../x",
@@ -163,7 +165,7 @@ def test_deliver_to_a_folder_creates_it_on_demand(tmp_path: Path) -> None:
         "Entwürfe",
         "a\x00b",
         "tab\there",
-        "x" * 101,
+        "x" * 255,
     ],
 )
 def test_invalid_folder_names_are_refused_permanently(tmp_path: Path, folder: str) -> None:
@@ -175,10 +177,34 @@ def test_invalid_folder_names_are_refused_permanently(tmp_path: Path, folder: st
     assert not (tmp_path / "box").exists()
 
 
-@pytest.mark.parametrize("folder", ["Junk", "Sent Items", "a-b_c", "2024", "x" * 100])
+@pytest.mark.parametrize(
+    "folder",
+    ["Junk", "Sent Items", "a-b_c", "2024", "x" * 254, "a.b", "INBOX.x", "Entw&APw-rfe", "a&AC4-b"],
+)
 def test_valid_folder_names(tmp_path: Path, folder: str) -> None:
     box = Maildir(tmp_path / "box", HOST)
     assert box.deliver(MESSAGE, folder).parent == box.root / f".{folder}" / "new"
+
+
+def test_a_sub_folder_is_its_own_maildirpp_folder(tmp_path: Path) -> None:
+    """Maildir++: a/b is .a.b beside the root's other folders; .a need not exist."""
+    box = Maildir(tmp_path / "box", HOST)
+    box.deliver(MESSAGE, "a.b")
+    assert listing(box.root) == [".a.b", "cur", "new", "tmp"]
+    assert (box.root / ".a.b" / "maildirfolder").is_file()
+
+
+def test_deliver_all_sets_the_mtime_before_the_fsync(tmp_path: Path) -> None:
+    seen: list[float] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            seen.append(os.fstat(fd).st_mtime)
+
+    box = Maildir(tmp_path / "box", HOST, fsync=fsync)
+    (path,) = deliver_all([(box, "")], MESSAGE, mtime=1_000_000_000.0)
+    assert path.stat().st_mtime == 1_000_000_000.0
+    assert seen == [1_000_000_000.0]
 
 
 # --- for_address ---------------------------------------------------------------------
