@@ -21,7 +21,7 @@ from tests.imap_transcript import PASSWORD, Conversation, conversation, fill, ma
 
 CAPS_AUTH = (
     "IMAP4rev1 IMAP4rev2 SASL-IR LITERAL- ID ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE "
-    "SPECIAL-USE CREATE-SPECIAL-USE CHILDREN LIST-EXTENDED LIST-STATUS STATUS=SIZE ESEARCH "
+    "SPECIAL-USE CREATE-SPECIAL-USE CHILDREN LIST-EXTENDED LIST-STATUS STATUS=SIZE ESEARCH SEARCHRES "
     "CONDSTORE QRESYNC BINARY QUOTA QUOTA=RES-STORAGE APPENDLIMIT=67108864 UTF8=ACCEPT "
     "COMPRESS=DEFLATE"
 )
@@ -1121,8 +1121,8 @@ def test_uid_search_and_esearch() -> None:
         S: A288 NO [BADCHARSET (UTF-8 US-ASCII)] Unsupported charset
         C: A289 SEARCH FROB
         S: A289 BAD Syntax error: unknown search key FROB
-        C: A290 SEARCH RETURN (SAVE) ALL
-        S: A290 BAD Syntax error: unknown RETURN option SAVE
+        C: A290 SEARCH RETURN (FROB) ALL
+        S: A290 BAD Syntax error: unknown RETURN option FROB
         C: A291 SEARCH BEFORE 30-Feb-2026
         S: A291 BAD Syntax error: bad date '30-Feb-2026'
     """)
@@ -1443,3 +1443,37 @@ def test_close_closes_the_store() -> None:
     conv = conversation(store)
     conv.session.close()
     assert store.closed
+
+
+def test_searchres_rfc5182_examples() -> None:
+    """RFC 5182 2.1 / 2.4: RETURN (SAVE) and "$"."""
+    store = search_store()
+    conv = conversation(store, parse_message=_no_mime)
+    conv.send(b"a SELECT INBOX\r\n")
+    conv.pending.clear()
+    conv.run("""
+        C: A282 SEARCH RETURN (SAVE) UNSEEN
+        S: A282 OK SEARCH completed, result saved
+        C: A283 UID FETCH $ (UID FLAGS)
+        S: * 2 FETCH (UID 2 FLAGS (\\Flagged $Work))
+        S: * 3 FETCH (UID 3 FLAGS (\\Deleted))
+        S: A283 OK FETCH completed
+        C: A284 SEARCH $ DELETED
+        S: * SEARCH 3
+        S: A284 OK SEARCH completed
+        C: A285 SEARCH RETURN (SAVE MIN) ALL
+        S: * ESEARCH (TAG "A285") MIN 1
+        S: A285 OK SEARCH completed
+        C: A286 STORE $ +FLAGS (\\Answered)
+        S: * 1 FETCH (FLAGS (\\Answered \\Seen))
+        S: A286 OK STORE completed
+        C: A287 SEARCH RETURN (SAVE) FROB
+        S: A287 BAD Syntax error: unknown search key FROB
+        C: A288 FETCH $ UID
+        S: A288 OK FETCH completed
+        C: A289 SEARCH RETURN (SAVE) ALL
+        S: A289 OK SEARCH completed, result saved
+        C: A290 UNSELECT
+        S: A290 OK UNSELECT completed
+    """)
+    assert conv.session.saved == []

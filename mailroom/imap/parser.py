@@ -197,9 +197,13 @@ Star = None  # "*" in a sequence set: the largest number in use
 
 @dataclass(frozen=True, slots=True)
 class SequenceSet:
-    """RFC 9051 9 sequence-set: ranges (low, high), either end possibly ``None`` for "*"."""
+    """RFC 9051 9 sequence-set: ranges (low, high), either end possibly ``None`` for "*".
+
+    ``saved`` is "$", the result of the last SEARCH ... RETURN (SAVE) (RFC 5182 2.1).
+    """
 
     ranges: tuple[tuple[int | None, int | None], ...]
+    saved: bool = False
 
     def bounds(self, largest: int) -> Iterator[tuple[int, int]]:
         """Each range as (low, high) with "*" resolved to ``largest`` and low <= high."""
@@ -421,6 +425,8 @@ class Args:
     # structured values
 
     def sequence_set(self) -> SequenceSet:
+        if self.take(b"$"):
+            return SequenceSet((), saved=True)
         ranges: list[tuple[int | None, int | None]] = []
         while True:
             low = self._seq_number()

@@ -136,7 +136,7 @@ def parse_search(args: Args, *, esearch: bool = True) -> SearchRequest:
         args.sp()
         options = args.list_of(args.word)
         for option in options:
-            if option not in RETURN_OPTIONS or option == "SAVE":
+            if option not in RETURN_OPTIONS:
                 raise ParseError(f"unknown RETURN option {option}")
         returns = tuple(options) or ("ALL",)  # RFC 4731 3.1: RETURN () means ALL
         args.sp()
@@ -167,7 +167,11 @@ def _key(args: Args, counter: list[int]) -> Key:
             keys.append(_key(args, counter))
         args.depth -= 1
         return keys[0] if len(keys) == 1 else And(tuple(keys))
-    if args.peek(b"*") or (args.pos < len(args.data) and 0x30 <= args.data[args.pos] <= 0x39):
+    if (
+        args.peek(b"*")
+        or args.peek(b"$")
+        or (args.pos < len(args.data) and 0x30 <= args.data[args.pos] <= 0x39)
+    ):
         return SetKey(args.sequence_set(), uid=False)
     name = args.word()
     if name in _FLAG_KEYS:
@@ -269,6 +273,7 @@ class Candidate:
     largest_uid: int
     load: Callable[[], Parsed]
     load_header_text: Callable[[], str]
+    saved: frozenset[int] = frozenset()  # UIDs of "$" (RFC 5182)
     _parsed: Parsed | None = None
     _header_text: str | None = None
 
@@ -294,6 +299,8 @@ def matches(key: Key, c: Candidate) -> bool:
     if isinstance(key, SizeKey):
         return c.size > key.size if key.larger else c.size < key.size
     if isinstance(key, SetKey):
+        if key.numbers.saved:
+            return c.uid in c.saved
         if key.uid:
             return key.numbers.contains(c.uid, c.largest_uid)
         return key.numbers.contains(c.seq, c.largest_seq)

@@ -32,12 +32,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from mailroom.errors import (
+    InvalidFlagError,
     InvalidMailboxNameError,
+    KeywordLimitError,
     MailboxExistsError,
     MailboxNotFoundError,
     MailroomError,
     MessageGoneError,
     QuotaExceededError,
+    SpecialUseError,
+    StoreError,
 )
 from mailroom.imap.parser import (
     MAX_LIST,
@@ -298,6 +302,7 @@ class IMAPSession:
         self.selected: Mailbox | None = None
         self.enabled: set[str] = set()
         self.condstore = False
+        self.saved: list[int] = []  # RFC 5182 SEARCHRES: UIDs of "$"
         self.idle_tag: str | None = None
         self.sasl: Sasl | None = None
         self.failed_logins = 0
@@ -381,6 +386,7 @@ class IMAPSession:
             self.state = new
         if new is not State.SELECTED:
             self.selected = None
+            self.saved = []  # RFC 5182 2.1: "$" is empty again after a mailbox is closed
 
     @property
     def utf8(self) -> bool:
@@ -405,7 +411,8 @@ class IMAPSession:
                 caps.append("LOGINDISABLED")  # RFC 9051 6.2.3: no LOGIN without TLS
         caps += ["SASL-IR", "LITERAL-", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT"]
         caps += ["UIDPLUS", "MOVE", "SPECIAL-USE", "CREATE-SPECIAL-USE", "CHILDREN"]
-        caps += ["LIST-EXTENDED", "LIST-STATUS", "STATUS=SIZE", "ESEARCH", "CONDSTORE", "QRESYNC"]
+        caps += ["LIST-EXTENDED", "LIST-STATUS", "STATUS=SIZE", "ESEARCH", "SEARCHRES"]
+        caps += ["CONDSTORE", "QRESYNC"]
         caps += ["BINARY", "QUOTA", "QUOTA=RES-STORAGE", f"APPENDLIMIT={self.config.max_literal}"]
         caps.append("UTF8=ACCEPT")
         if (
@@ -494,11 +501,12 @@ class IMAPSession:
             if err.status == "BAD":
                 return self._bad(tag, err.text, code=err.code)
             return self._tagged(tag, err.status, err.text, code=err.code)
-        except MessageGoneError:
-            return self._tagged(tag, "NO", "Some messages were expunged", code="EXPUNGEISSUED")
         except MailroomError as err:
-            log.warning("imap %s: %s", name, err)
-            return self._tagged(tag, "NO", str(err) or "Failed")
+            log.info("imap %s: %s", name, err)
+            status, code = next((s, c) for kind, s, c in _ERRORS if isinstance(err, kind))
+            if status == "BAD":
+                return self._bad(tag, str(err), code=code)
+            return self._tagged(tag, status, str(err) or "Failed", code=code)
         except Exception:
             log.exception("imap %s failed", name)
             return self._tagged(tag, "NO", "Internal server error", code="SERVERBUG")
@@ -602,6 +610,8 @@ class IMAPSession:
     def _set_uids(self, numbers: SequenceSet, uid: bool) -> list[int]:
         """The UIDs a sequence set names; invalid sequence numbers are a BAD (RFC 9051 9)."""
         box = self._mailbox()
+        if numbers.saved:
+            return [u for u in self.saved if box.seq(u)]
         if uid:
             return numbers.members(box.uids)
         count = len(box.uids)
@@ -1291,13 +1301,19 @@ class IMAPSession:
         return self._search(tag, args, uid=True)
 
     def _search(self, tag: str, args: Args, *, uid: bool) -> bytes:
-        request = parse_search(args)
-        args.end()
+        try:
+            request = parse_search(args)
+            args.end()
+        except (ParseError, BadCharsetError):
+            if b"SAVE" in args.data.upper():
+                self.saved = []  # RFC 5182 2.1: a failed SEARCH ... SAVE empties "$"
+            raise
         box = self._mailbox()
         modseq_key = uses_modseq(request.key)
         if modseq_key:
             self.condstore = True
         found: list[int] = []  # UIDs
+        saved = frozenset(self.saved)
         highest = 0
         largest_uid = box.uids[-1] if box.uids else 0
         for seq, u in enumerate(box.uids, 1):
@@ -1314,6 +1330,7 @@ class IMAPSession:
                 largest_uid=largest_uid,
                 load=lambda u=u: self._parsed(u),  # type: ignore[misc]
                 load_header_text=lambda u=u: self._header_text(u),  # type: ignore[misc]
+                saved=saved,
             )
             try:
                 hit = matches(request.key, candidate)
@@ -1323,13 +1340,24 @@ class IMAPSession:
                 found.append(u)
                 highest = max(highest, info.modseq)
         numbers = found if uid else [box.seq(u) for u in found]
-        if request.returns is None and not self.rev2:
+        returns = request.returns
+        if returns is not None and "SAVE" in returns:
+            # RFC 5182 2.4: with only MIN and/or MAX beside SAVE, only those are saved.
+            if found and not {"ALL", "COUNT"} & set(returns) and {"MIN", "MAX"} & set(returns):
+                ends = {found[0]} if "MIN" in returns else set()
+                self.saved = sorted(ends | ({found[-1]} if "MAX" in returns else set()))
+            else:
+                self.saved = found
+            returns = tuple(r for r in returns if r != "SAVE")
+            if not returns:  # RFC 5182 2.1: SAVE alone returns no ESEARCH response
+                return self._done(tag, "SEARCH completed, result saved", expunge=uid)
+        if returns is None and not self.rev2:
             line = "* SEARCH" + "".join(f" {n}" for n in numbers)
             if modseq_key and numbers:
                 line += f" (MODSEQ {highest})"
             out = (line + "\r\n").encode()
         else:
-            returns = request.returns or ("ALL",)
+            returns = returns or ("ALL",)
             parts = [f'* ESEARCH (TAG "{tag}")']
             if uid:
                 parts.append("UID")
@@ -1671,6 +1699,20 @@ _STATUS_ITEMS = (
     "APPENDLIMIT",
 )  # fmt: skip
 
+# How store errors a handler did not catch itself are answered (RFC 9051 7.1 response codes).
+_ERRORS: tuple[tuple[type[MailroomError], str, str | None], ...] = (
+    (MailboxNotFoundError, "NO", "NONEXISTENT"),
+    (MailboxExistsError, "NO", "ALREADYEXISTS"),
+    (InvalidMailboxNameError, "NO", "CANNOT"),
+    (MessageGoneError, "NO", "EXPUNGEISSUED"),
+    (InvalidFlagError, "BAD", None),
+    (KeywordLimitError, "NO", "LIMIT"),
+    (SpecialUseError, "NO", "USEATTR"),
+    (QuotaExceededError, "NO", "OVERQUOTA"),
+    (StoreError, "NO", "CANNOT"),
+    (MailroomError, "NO", None),
+)
+
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -1688,17 +1730,14 @@ def _check_name(name: str) -> None:
 
 
 def _pattern(reference: str, pattern: str) -> re.Pattern[str]:
-    """RFC 9051 6.3.9: ``*`` matches anything, ``%`` anything but the delimiter."""
+    """RFC 9051 6.3.9: reference and pattern concatenated (an absolute pattern stands alone);
+    ``*`` matches anything, ``%`` anything but the delimiter; INBOX is case-insensitive."""
     if reference and not pattern.startswith(DELIMITER):
-        if not reference.endswith(DELIMITER):
-            reference += DELIMITER
         pattern = reference + pattern
     regex = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern)
-    if pattern.upper().startswith("INBOX"):
-        regex = (
-            "(?i:INBOX)" + regex[len(re.escape("INBOX")) :]
-            if pattern[:5].upper() == "INBOX"
-            else regex
+    if pattern[:5].upper() == "INBOX":
+        regex = "(?i:INBOX)" + "".join(
+            ".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern[5:]
         )
     return re.compile(regex, re.DOTALL)
 
