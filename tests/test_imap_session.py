@@ -1477,3 +1477,23 @@ def test_searchres_rfc5182_examples() -> None:
         S: A290 OK UNSELECT completed
     """)
     assert conv.session.saved == []
+
+
+def test_client_text_cannot_break_a_response_line() -> None:
+    conv = conversation()
+    conv.send(b"e ENABLE UTF8=ACCEPT\r\n")
+    out = conv.send(b"a1 SELECT {8}\r\n")
+    assert out.data == b"+ Ready for literal data\r\n"
+    out = conv.send(b"x\r\n* BYE\r\n")
+    assert out.data == b"a1 NO [NONEXISTENT] No mailbox x??* BYE\r\n"
+
+
+def test_non_ascii_text_only_after_enable() -> None:
+    conv = conversation()
+    assert (
+        conv.send(b'a1 SELECT "Entw&APw-rfe"\r\n').data
+        == b"a1 NO [NONEXISTENT] No mailbox Entw?rfe\r\n"
+    )
+    conv.send(b"e ENABLE IMAP4rev2\r\n")
+    out = conv.send(b'a2 SELECT "Entw&APw-rfe"\r\n')
+    assert out.data == "a2 NO [NONEXISTENT] No mailbox Entwürfe\r\n".encode()

@@ -85,7 +85,12 @@ class LiteralRequest:
 def tag_of(line: bytes) -> str:
     """The tag of a command line, or "*" when it has none that can be echoed safely."""
     tag = line.split(b" ", 1)[0]
-    if tag and _TAG.match(tag) and not any(c in _ATOM_SPECIALS or c == ord("+") for c in tag):
+    # RFC 9051 9: tag = 1*<any ASTRING-CHAR except "+">
+    if (
+        tag
+        and _TAG.match(tag)
+        and not any((c in _ATOM_SPECIALS and c != 0x5D) or c == 0x2B for c in tag)
+    ):
         return tag.decode("ascii")
     return "*"
 
@@ -373,7 +378,8 @@ class Args:
                     raise ParseError("bad escape in a quoted string")
                 c = data[self.pos]
                 self.pos += 1
-            elif c in (0x0D, 0x0A, 0x00) or (c > 0x7F and not self.utf8):
+            elif c in (0x0D, 0x0A, 0x00):
+                # RFC 9051 9: QUOTED-CHAR includes UTF-8 (checked when the string is decoded).
                 raise ParseError("character not allowed in a quoted string")
             out.append(c)
 

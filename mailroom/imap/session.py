@@ -467,7 +467,7 @@ class IMAPSession:
         args = Args(data, utf8=self.utf8, max_nesting=self.config.max_nesting)
         tag = "*"
         try:
-            tag = args.atom()
+            tag = args.atom(extra=b"]")  # RFC 9051 9: tag is ASTRING-CHARs except "+"
             if "+" in tag:
                 raise ParseError("bad tag")
             args.sp()
@@ -523,6 +523,11 @@ class IMAPSession:
         return out
 
     def _tagged(self, tag: str, status: str, text: str, *, code: str | None = None) -> bytes:
+        # Texts may quote client input (a mailbox name): never a line break, and UTF-8 only
+        # where RFC 9051 9 "text" allows it (after ENABLE IMAP4rev2 or UTF8=ACCEPT).
+        text = _CONTROL.sub("?", text)
+        if not (self.rev2 or self.utf8):
+            text = text.encode("ascii", "replace").decode("ascii")
         code_text = f"[{code}] " if code else ""
         return f"{tag} {status} {code_text}{text}\r\n".encode()
 
@@ -1713,6 +1718,7 @@ _ERRORS: tuple[tuple[type[MailroomError], str, str | None], ...] = (
     (MailroomError, "NO", None),
 )
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -1878,11 +1884,12 @@ def _section(args: Args) -> tuple[Section, str]:
 
 
 def _partial(args: Args) -> tuple[int, int] | None:
+    """RFC 9051 9 partial: "<" number64 "." nz-number64 ">"."""
     if not args.take(b"<"):
         return None
-    start = args.number()
+    start = args.number(limit=MAX_NUMBER64)
     args.expect(b".")
-    length = args.number(nonzero=True)
+    length = args.number(limit=MAX_NUMBER64, nonzero=True)
     args.expect(b">")
     return start, length
 
