@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from mailroom.imap.session import IMAPSession, State
+from mailroom.imap.wire import Atom, Value
+from mailroom.mime import Section
 from tests.imap_fake_store import FakeStore
 from tests.imap_transcript import PASSWORD, Conversation, conversation, fill, make_config, message
 
@@ -1497,3 +1499,167 @@ def test_non_ascii_text_only_after_enable() -> None:
     conv.send(b"e ENABLE IMAP4rev2\r\n")
     out = conv.send(b'a2 SELECT "Entw&APw-rfe"\r\n')
     assert out.data == "a2 NO [NONEXISTENT] No mailbox Entwürfe\r\n".encode()
+
+
+# -- MIME-backed items: the session's plumbing, with a stand-in parser --------------------------------
+
+
+class StandIn:
+    """A stand-in for ``mailroom.mime.Message``: fixed answers, and a record of what was asked."""
+
+    parsed = 0
+
+    def __init__(self, raw: bytes) -> None:
+        StandIn.parsed += 1
+        self.raw = raw
+
+    def envelope(self) -> Value:
+        return [None, "Hi \u00e9", None, None, None, None, None, None, None, "<id@x>"]
+
+    def bodystructure(self) -> Value:
+        return [
+            Atom('"TEXT"'),
+            "PLAIN",
+            ["CHARSET", "UTF-8"],
+            None,
+            None,
+            "8BIT",
+            3,
+            1,
+            None,
+            None,
+            None,
+            None,
+        ]
+
+    def body(self) -> Value:
+        return ["TEXT", "PLAIN", ["CHARSET", "UTF-8"], None, None, "8BIT", 3, 1]
+
+    def section(self, section: Section) -> bytes | None:
+        return (
+            f"<{section.part} {section.text} {section.fields}>".encode()
+            if section.part != (9,)
+            else None
+        )
+
+    def binary(self, part: tuple[int, ...]) -> bytes | None:
+        return b"\x00\x01bin" if part == (1,) else None
+
+    def binary_size(self, part: tuple[int, ...]) -> int | None:
+        return 5 if part == (1,) else None
+
+    def header_values(self, name: str) -> list[str]:
+        return ["Bob <bob@example.test>"] if name.upper() == "FROM" else []
+
+    def text(self) -> str:
+        return "Café au lait"
+
+    def date(self) -> datetime | None:
+        return datetime(2026, 11, 2, 23, 30, tzinfo=UTC)
+
+
+def stand_in_session(count: int = 2) -> Conversation:
+    store = FakeStore()
+    fill(store, count)
+    StandIn.parsed = 0
+    conv = conversation(store, parse_message=StandIn)
+    conv.send(b"a SELECT INBOX\r\n")
+    conv.pending.clear()
+    return conv
+
+
+def test_envelope_bodystructure_body_are_encoded() -> None:
+    conv = stand_in_session()
+    out = conv.send(b"a1 FETCH 1 (ENVELOPE BODYSTRUCTURE BODY)\r\n")
+    assert out.data == (
+        b'* 1 FETCH (ENVELOPE (NIL {5}\r\nHi \xc3\xa9 NIL NIL NIL NIL NIL NIL NIL "<id@x>") '
+        b'BODYSTRUCTURE ("TEXT" "PLAIN" ("CHARSET" "UTF-8") NIL NIL "8BIT" 3 1 NIL NIL NIL NIL) '
+        b'BODY ("TEXT" "PLAIN" ("CHARSET" "UTF-8") NIL NIL "8BIT" 3 1))\r\n'
+        b"a1 OK FETCH completed\r\n"
+    )
+    conv.send(b"e ENABLE UTF8=ACCEPT\r\n")  # not allowed in the selected state
+    assert StandIn.parsed == 1  # three items, one parse
+
+
+def test_fetch_all_and_full_parse_each_message_once() -> None:
+    conv = stand_in_session(5)
+    conv.send(b"a1 FETCH 1:5 FULL\r\n")
+    assert StandIn.parsed == 5
+    out = conv.send(b"a2 FETCH 1:5 ALL\r\n")
+    assert out.data.count(b"ENVELOPE") == 5
+    assert StandIn.parsed == 5  # cached
+
+
+def test_nested_sections_go_to_the_mime_parser() -> None:
+    conv = stand_in_session()
+    conv.run("""
+        C: a1 FETCH 1 (BODY.PEEK[1] BODY.PEEK[1.2.MIME] BODY.PEEK[2.HEADER.FIELDS (To)] BODY.PEEK[2.TEXT]<1.3>)
+        S: * 1 FETCH (BODY[1] "<(1,)  ()>" BODY[1.2.MIME] "<(1, 2) MIME ()>" BODY[2.HEADER.FIELDS (TO)] "<(2,) HEADER.FIELDS ('TO',)>" BODY[2.TEXT]<1> "(2,")
+        S: a1 OK FETCH completed
+        C: a2 FETCH 1 BODY.PEEK[9]
+        S: * 1 FETCH (BODY[9] NIL)
+        S: a2 OK FETCH completed
+        C: a3 FETCH 1 BODY.PEEK[1.FROB]
+        S: a3 BAD Syntax error: bad section text FROB
+        C: a4 FETCH 1 BODY.PEEK[0]
+        S: a4 BAD Syntax error: expected a number greater than 0
+    """)
+
+
+def test_binary_rfc3516() -> None:
+    conv = stand_in_session()
+    out = conv.send(
+        b"a1 FETCH 1 (BINARY.PEEK[1] BINARY.SIZE[1] BINARY.PEEK[1]<1.2> BINARY.SIZE[2])\r\n"
+    )
+    assert out.data == (
+        b'* 1 FETCH (BINARY[1] ~{5}\r\n\x00\x01bin BINARY.SIZE[1] 5 BINARY[1]<1> "\x01b" BINARY.SIZE[2] NIL)\r\n'
+        b"a1 OK FETCH completed\r\n"
+    )
+    out = conv.send(b"a2 FETCH 2 BINARY[1]\r\n")  # not PEEK: sets \Seen
+    assert out.data.endswith(b" FLAGS (\\Seen))\r\na2 OK FETCH completed\r\n")
+
+
+def test_search_strings_use_the_parsed_message() -> None:
+    conv = stand_in_session(2)
+    conv.run("""
+        C: s1 SEARCH FROM bob
+        S: * SEARCH 1 2
+        S: s1 OK SEARCH completed
+        C: s2 SEARCH FROM carol
+        S: * SEARCH
+        S: s2 OK SEARCH completed
+        C: s3 SEARCH HEADER X-Missing ""
+        S: * SEARCH
+        S: s3 OK SEARCH completed
+        C: s4 SEARCH HEADER From ""
+        S: * SEARCH 1 2
+        S: s4 OK SEARCH completed
+        C: s5 SEARCH CHARSET UTF-8 BODY {4}
+        S: + Ready for literal data
+        C: THÉ
+        S: * SEARCH
+        S: s5 OK SEARCH completed
+        C: s6 SEARCH CHARSET UTF-8 BODY {5}
+        S: + Ready for literal data
+        C: CAFÉ
+        S: * SEARCH 1 2
+        S: s6 OK SEARCH completed
+        C: s7 SEARCH TEXT "number 2"
+        S: * SEARCH
+        S: s7 OK SEARCH completed
+        C: s8 SEARCH TEXT "Subject: Message 2"
+        S: * SEARCH 2
+        S: s8 OK SEARCH completed
+        C: s9 SEARCH SENTON 2-Nov-2026
+        S: * SEARCH 1 2
+        S: s9 OK SEARCH completed
+        C: t1 SEARCH SENTBEFORE 2-Nov-2026
+        S: * SEARCH
+        S: t1 OK SEARCH completed
+        C: t2 SEARCH SENTSINCE 3-Nov-2026
+        S: * SEARCH
+        S: t2 OK SEARCH completed
+        C: t3 SEARCH SUBJECT x
+        S: * SEARCH
+        S: t3 OK SEARCH completed
+    """)
