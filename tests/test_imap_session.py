@@ -1663,3 +1663,19 @@ def test_search_strings_use_the_parsed_message() -> None:
         S: * SEARCH
         S: t3 OK SEARCH completed
     """)
+
+
+def test_many_small_literals_cannot_add_up() -> None:
+    conv = conversation(login=False, max_line=1000)
+    chunk = b"x" * 1000 + b" {1000+}\r\n"
+    out = conv.send(b"a1 ID (" + b"{1000+}\r\n" + chunk * 5)
+    assert out.data == (
+        b"a1 BAD [TOOBIG] Command larger than 3048 octets\r\n"
+        b"* BYE [TOOBIG] Cannot continue after a refused non-synchronizing literal\r\n"
+    )
+    assert out.action == "close"
+    conv = conversation(login=False, max_line=1000)
+    out = conv.send(b"a1 LOGIN {10}\r\n")
+    assert out.data == b"+ Ready for literal data\r\n"
+    out = conv.send(b"x" * 10 + b" {1024}\r\n")
+    assert out.data == b"+ Ready for literal data\r\n"  # two literals of a LOGIN are fine

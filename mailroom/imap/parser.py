@@ -80,6 +80,7 @@ class LiteralRequest:
     size: int
     synchronizing: bool
     binary: bool  # literal8 (~{n}), RFC 3516
+    command_size: int  # bytes of the command so far (lines and literals)
 
 
 def tag_of(line: bytes) -> str:
@@ -177,6 +178,7 @@ class Framer:
                 size=size,
                 synchronizing=not match.group(3),
                 binary=bool(match.group(1)),
+                command_size=sum(len(p) for p in self.parts) + len(line),
             )
             refusal = self.check(request)
             if refusal is not None:

@@ -447,7 +447,7 @@ class IMAPSession:
                     " octets\r\n".encode(),
                     close=True,
                 )
-            return None
+            return self._check_command_size(request, limit)
         if request.size > limit:
             if request.words[:1] == ("APPEND",) and self.state is not State.NOT_AUTHENTICATED:
                 # RFC 7889 4 / RFC 9051 7.1: APPEND over the limit gets NO [TOOBIG].
@@ -455,6 +455,16 @@ class IMAPSession:
                     f"{tag} NO [TOOBIG] Message larger than {limit} octets\r\n".encode()
                 )
             return Rejected(f"{tag} BAD [TOOBIG] Literal larger than {limit} octets\r\n".encode())
+        return self._check_command_size(request, limit)
+
+    def _check_command_size(self, request: LiteralRequest, limit: int) -> Rejected | None:
+        """Many small literals must not add up to more than two big ones and a line."""
+        total = 2 * limit + self.config.max_line
+        if request.command_size + request.size > total:
+            return Rejected(
+                f"{request.tag} BAD [TOOBIG] Command larger than {total} octets\r\n".encode(),
+                close=not request.synchronizing,
+            )
         return None
 
     # -- one command -------------------------------------------------------------------------
