@@ -10,6 +10,7 @@ import ast
 import base64
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from mailroom.imap.session import IMAPSession, State
 from mailroom.imap.wire import Atom, Value
 from mailroom.mime import Section
-from tests.imap_fake_store import FakeStore
+from tests.imap_fake_store import FakeStore, MessageInfo
 from tests.imap_transcript import PASSWORD, Conversation, conversation, fill, make_config, message
 
 CAPS_AUTH = (
@@ -1679,3 +1680,23 @@ def test_many_small_literals_cannot_add_up() -> None:
     assert out.data == b"+ Ready for literal data\r\n"
     out = conv.send(b"x" * 10 + b" {1024}\r\n")
     assert out.data == b"+ Ready for literal data\r\n"  # two literals of a LOGIN are fine
+
+
+def test_search_with_a_long_set_over_many_messages_is_fast() -> None:
+    store = FakeStore()
+    folder = store.folders["INBOX"]
+    for uid in range(1, 5001):  # metadata only: search by set never reads a message
+        folder.messages[uid] = store_info(uid)
+    folder.uidnext = 5001
+    conv = conversation(store, parse_message=_no_mime)
+    conv.send(b"a SELECT INBOX\r\n")
+    conv.pending.clear()
+    numbers = ",".join(str(i) for i in range(1, 10_000, 2))
+    started = time.monotonic()
+    out = conv.send(f"a1 UID SEARCH RETURN (COUNT) UID {numbers}\r\n".encode())
+    assert out.data.startswith(b'* ESEARCH (TAG "a1") UID COUNT 2500\r\n')
+    assert time.monotonic() - started < 2
+
+
+def store_info(uid: int) -> MessageInfo:
+    return MessageInfo(uid, frozenset(), uid, 100, datetime(2026, 1, 1, tzinfo=UTC), f"k{uid}")

@@ -21,6 +21,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
+from functools import lru_cache
 from typing import TypeVar
 
 from mailroom.imap.wire import MailboxNameError, decode_mailbox
@@ -220,7 +221,10 @@ class SequenceSet:
             yield (a, b) if a <= b else (b, a)
 
     def contains(self, number: int, largest: int) -> bool:
-        return any(low <= number <= high for low, high in self.bounds(largest))
+        """Whether ``number`` is in the set: O(log ranges), for SEARCH over many messages."""
+        lows, highs = _merged(self.ranges, largest)
+        i = bisect_right(lows, number) - 1
+        return i >= 0 and number <= highs[i]
 
     def numbers(self, largest: int) -> list[int]:
         """The numbers of the set that are between 1 and ``largest``, ascending, no repeats."""
@@ -243,6 +247,22 @@ class SequenceSet:
             return "*" if n is None else str(n)
 
         return ",".join(one(a) if a == b else f"{one(a)}:{one(b)}" for a, b in self.ranges)
+
+
+@lru_cache(maxsize=32)
+def _merged(
+    ranges: tuple[tuple[int | None, int | None], ...], largest: int
+) -> tuple[list[int], list[int]]:
+    """The ranges resolved against ``largest``, sorted and merged: (lows, highs)."""
+    lows: list[int] = []
+    highs: list[int] = []
+    for low, high in sorted(SequenceSet(ranges).bounds(largest)):
+        if highs and low <= highs[-1] + 1:
+            highs[-1] = max(highs[-1], high)
+        else:
+            lows.append(low)
+            highs.append(high)
+    return lows, highs
 
 
 def format_set(numbers: list[int]) -> str:
