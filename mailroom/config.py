@@ -62,6 +62,17 @@ class IMAPSettings(_Section):
     autologout_seconds: float = Field(default=30 * 60, ge=30 * 60)
 
 
+class POP3Settings(_Section):
+    """Limits and timeouts of the POP3 server."""
+
+    max_connections: int = Field(default=200, ge=1)
+    max_connections_per_ip: int = Field(default=20, ge=1)
+    # RFC 1939 3: the inactivity autologout timer is at least 10 minutes.
+    timeout_seconds: float = Field(default=600, ge=600)
+    # Accept USER/PASS and AUTH without TLS from a loopback client (a local fetchmail).
+    allow_plaintext_loopback: bool = False
+
+
 class DNSSettings(_Section):
     """Where DNS questions go; empty means the system resolver."""
 
@@ -87,6 +98,7 @@ class Settings(BaseSettings):
     tls: TLSSettings = TLSSettings()
     smtp: SMTPSettings = SMTPSettings()
     imap: IMAPSettings = IMAPSettings()
+    pop3: POP3Settings = POP3Settings()
     dns: DNSSettings = DNSSettings()
 
     @field_validator("hostname")

@@ -21,8 +21,9 @@ Every error mailroom raises on purpose is a ``MailroomError``; anything else is 
         ├── InvalidFlagError          not a valid flag or keyword, or \\Recent (IMAP BAD)
         ├── KeywordLimitError         the folder already has the 26 keywords Maildir can name
         │                             (IMAP [LIMIT])
-        └── SpecialUseError           a special-use attribute mailroom does not support
-                                      (IMAP [USEATTR])
+        ├── SpecialUseError           a special-use attribute mailroom does not support
+        │                             (IMAP [USEATTR])
+        └── MailboxInUseError         another POP3 session holds the mailbox (POP3 [IN-USE])
 
 The store raises ``QuotaExceededError`` too, for an APPEND or COPY over the user's quota.
 """
@@ -103,3 +104,7 @@ class KeywordLimitError(StoreError):
 
 class SpecialUseError(StoreError):
     """The special-use attribute is not one mailroom supports."""
+
+
+class MailboxInUseError(StoreError):
+    """Another POP3 session has the mailbox open (RFC 2449 8.1.1: ``[IN-USE]``)."""

@@ -4,14 +4,22 @@ In-process and per client address: a failure costs ``base * 2**(n-1)`` seconds o
 before the answer (capped), and after ``lockout_after`` failures within ``window`` seconds
 the address is refused without checking the password until the window passes. A success
 clears the address. Shared by every protocol of one process; the clock is injected.
+``throttled`` wraps a password check (``Accounts.verify_password``) in these rules, for one
+client address, logging each outcome without the password.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,3 +75,34 @@ class AuthThrottle:
     def succeeded(self, peer: str) -> None:
         with self._lock:
             self._records.pop(peer, None)
+
+
+def throttled(
+    verify: Callable[[str, str], T | None],
+    throttle: AuthThrottle,
+    peer: str,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Callable[[str, str], T | None]:
+    """``verify(username, password)`` for a client at ``peer``, under ``throttle``.
+
+    A locked-out address gets None without a password check; a failure sleeps the delay
+    (the caller runs this in a worker thread) before answering None.
+    """
+
+    def check(username: str, password: str) -> T | None:
+        extra = {"CLIENT_ADDR": peer}
+        if throttle.locked_out(peer):
+            log.warning("login refused for %s: too many failures", peer, extra=extra)
+            return None
+        user = verify(username, password)
+        if user is None:
+            delay = throttle.failed(peer)
+            log.info("login failed for %r from %s", username[:64], peer, extra=extra)
+            sleep(delay)
+            return None
+        throttle.succeeded(peer)
+        log.info("login %s from %s", username[:64], peer, extra=extra)
+        return user
+
+    return check

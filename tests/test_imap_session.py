@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mailroom.errors import StoreError
 from mailroom.imap.session import IMAPSession, State
 from mailroom.imap.wire import Atom, Value
 from mailroom.mime import Section
@@ -272,6 +273,9 @@ def test_unknown_and_wrong_state_commands() -> None:
         b"a",
         b"(",
         b"+ LOGIN a b",
+        b"a1 NOOP(",
+        b"a1 LOGIN{",
+        b"a1 ID(",
         b"a1 LOGIN",
         b'a1 LOGIN "unterminated',
         b"a1 SELECT \xff\xfe",
@@ -1700,3 +1704,18 @@ def test_search_with_a_long_set_over_many_messages_is_fast() -> None:
 
 def store_info(uid: int) -> MessageInfo:
     return MessageInfo(uid, frozenset(), uid, 100, datetime(2026, 1, 1, tzinfo=UTC), f"k{uid}")
+
+
+class BrokenStore(FakeStore):
+    def ensure_defaults(self) -> None:
+        raise StoreError("the mail directory is not writable")
+
+
+def test_store_failure_at_login_is_a_tagged_no() -> None:
+    for command in (f'a1 LOGIN alice@example.test "{PASSWORD}"', f"a1 AUTHENTICATE PLAIN {PLAIN}"):
+        conv = conversation(BrokenStore(), login=False)
+        conv.run(f"""
+            C: {command}
+            S: a1 NO [CANNOT] the mail directory is not writable
+        """)
+        assert conv.session.state is State.NOT_AUTHENTICATED

@@ -472,9 +472,11 @@ class IMAPSession:
     def _line(self, data: bytes) -> bytes:
         self.commands += 1
         if self.sasl is not None:
-            return self._sasl_step(data)
+            sasl = self.sasl
+            return self._answer(sasl.tag, "AUTHENTICATE", lambda: self._sasl_step(data))
         if self.idle_tag is not None:
-            return self._idle_end(data)
+            tag = self.idle_tag
+            return self._answer(tag, "IDLE", lambda: self._idle_end(data))
         if self.commands == 1 and _HTTP.match(data):
             self._set_state(State.LOGOUT)
             self.action = "close"
@@ -500,12 +502,17 @@ class IMAPSession:
             if any(name in table for table in _TABLES.values()):
                 return self._bad(tag, f"{name} is not valid in the {self.state.value} state")
             return self._bad(tag, f"Unknown command {name[:40]}")
-        if name.startswith("UID "):
-            pass
-        elif not args.at_end():
-            args.sp()
+        if not name.startswith("UID ") and not args.at_end():
+            try:
+                args.sp()
+            except ParseError:
+                return self._bad(tag, "Syntax error: expected a space after the command")
+        return self._answer(tag, name, lambda: handler(self, tag, args))
+
+    def _answer(self, tag: str, name: str, run: Callable[[], bytes]) -> bytes:
+        """The response of one command: its own, or a tagged NO/BAD for what it raised."""
         try:
-            response = handler(self, tag, args)
+            response = run()
         except ParseError as err:
             return self._bad(tag, f"Syntax error: {err}")
         except BadCharsetError:
