@@ -93,6 +93,8 @@ def test_before_tls_on_143_login_is_disabled() -> None:
     greeting = conv.session.greeting().decode()
     assert "STARTTLS LOGINDISABLED" in greeting and "AUTH=" not in greeting
     conv.run(f"""
+        C: a0 LOGIN alice@example.test {PASSWORD}
+        S: a0 NO [PRIVACYREQUIRED] Use STARTTLS or port 993 first
         C: a1 LOGIN alice@example.test "{PASSWORD}"
         S: a1 NO [PRIVACYREQUIRED] Use STARTTLS or port 993 first
         C: a2 AUTHENTICATE PLAIN {PLAIN}
@@ -898,12 +900,12 @@ def test_fetch_body_sections() -> None:
     assert text == b"Body number 1.\r\n"
     out = conv.send(b"a2 FETCH 1 BODY.PEEK[HEADER.FIELDS (SUBJECT to)]\r\n")
     assert out.data == (
-        b"* 1 FETCH (BODY[HEADER.FIELDS (SUBJECT TO)] {46}\r\n"
+        b"* 1 FETCH (BODY[HEADER.FIELDS (SUBJECT to)] {46}\r\n"
         b"To: alice@example.test\r\nSubject: Message 1\r\n\r\n)\r\na2 OK FETCH completed\r\n"
     )
     out = conv.send(b"a3 FETCH 1 BODY.PEEK[HEADER.FIELDS.NOT (From To Date Message-ID)]\r\n")
     assert out.data == (
-        b"* 1 FETCH (BODY[HEADER.FIELDS.NOT (FROM TO DATE MESSAGE-ID)] {22}\r\n"
+        b"* 1 FETCH (BODY[HEADER.FIELDS.NOT (From To Date Message-ID)] {22}\r\n"
         b"Subject: Message 1\r\n\r\n)\r\na3 OK FETCH completed\r\n"
     )
 
@@ -1599,7 +1601,7 @@ def test_nested_sections_go_to_the_mime_parser() -> None:
     conv = stand_in_session()
     conv.run("""
         C: a1 FETCH 1 (BODY.PEEK[1] BODY.PEEK[1.2.MIME] BODY.PEEK[2.HEADER.FIELDS (To)] BODY.PEEK[2.TEXT]<1.3>)
-        S: * 1 FETCH (BODY[1] "<(1,)  ()>" BODY[1.2.MIME] "<(1, 2) MIME ()>" BODY[2.HEADER.FIELDS (TO)] "<(2,) HEADER.FIELDS ('TO',)>" BODY[2.TEXT]<1> "(2,")
+        S: * 1 FETCH (BODY[1] "<(1,)  ()>" BODY[1.2.MIME] "<(1, 2) MIME ()>" BODY[2.HEADER.FIELDS (To)] "<(2,) HEADER.FIELDS ('TO',)>" BODY[2.TEXT]<1> "(2,")
         S: a1 OK FETCH completed
         C: a2 FETCH 1 BODY.PEEK[9]
         S: * 1 FETCH (BODY[9] NIL)

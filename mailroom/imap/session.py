@@ -707,6 +707,7 @@ class IMAPSession:
         return self._tagged(tag, "OK", "Begin TLS negotiation now")
 
     def LOGIN(self, tag: str, args: Args) -> bytes:
+        self._require_privacy()  # before reading the credentials at all
         username = args.astring()
         args.sp()
         password = args.astring()
@@ -714,6 +715,7 @@ class IMAPSession:
         return self._login(tag, username, password)
 
     def AUTHENTICATE(self, tag: str, args: Args) -> bytes:
+        self._require_privacy()
         mechanism = args.word()
         initial: bytes | None = None
         if not args.at_end():
@@ -1833,6 +1835,7 @@ _SIMPLE_ITEMS = {
 }  # fmt: skip
 
 
+_FIELD_NAME = re.compile(r'[^\x00-\x20(){%*"\\\]\x7f-\U0010ffff]+')  # can be written as an atom
 _ITEM_NAME = re.compile(rb"[A-Za-z0-9.]+")
 
 
@@ -1893,15 +1896,19 @@ def _section(args: Args) -> tuple[Section, str]:
         text = args.atom().upper()
         if text not in ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT"):
             raise ParseError(f"bad section text {text[:30]}")
+    asked: list[str] = []
     if text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
         args.sp()
-        fields = tuple(f.upper() for f in args.list_of(args.astring, allow_empty=False))
+        asked = args.list_of(args.astring, allow_empty=False)
+        fields = tuple(f.upper() for f in asked)
     args.expect(b"]")
     label = ".".join(str(p) for p in part)
     if text:
         label = f"{label}.{text}" if label else text
-    if fields:
-        label += " (" + " ".join(fields) + ")"
+    if asked:  # echoed as the client spelled them, which is what clients match on
+        label += " " + encode(
+            [Atom(f) if _FIELD_NAME.fullmatch(f) else f.encode() for f in asked]
+        ).decode("utf-8", "replace")
     return Section(part, text, fields), label
 
 
