@@ -22,14 +22,20 @@ def filled(count: int = 3) -> FakeStore:
 
 
 def test_second_open_is_in_use_until_the_first_closes(tmp_path: Path) -> None:
-    first = StoreMaildrop.open(tmp_path, filled())
-    second_store = filled()
+    first_store = filled()
+    first = StoreMaildrop.open(tmp_path, lambda: first_store)
+    opened: list[FakeStore] = []
+
+    def second() -> FakeStore:
+        opened.append(filled())
+        return opened[-1]
+
     with pytest.raises(MailboxInUseError):
-        StoreMaildrop.open(tmp_path, second_store)
-    assert second_store.closed  # a refused open leaves nothing open
+        StoreMaildrop.open(tmp_path, second)
+    assert opened == []  # refused before the store is even opened
     first.close()
-    assert first.store.closed  # type: ignore[attr-defined]
-    StoreMaildrop.open(tmp_path, filled()).close()
+    assert first_store.closed
+    StoreMaildrop.open(tmp_path, filled).close()
     assert (tmp_path / LOCK_NAME).stat().st_mode & 0o777 == 0o600
 
 
@@ -51,7 +57,7 @@ def test_lock_is_held_against_other_processes_and_dies_with_them(tmp_path: Path)
 
 def test_snapshot_is_fixed_at_open(tmp_path: Path) -> None:
     store = filled()
-    maildrop = StoreMaildrop.open(tmp_path, store)
+    maildrop = StoreMaildrop.open(tmp_path, lambda: store)
     store.add(b"Subject: late\r\n\r\n")
     assert [m.uid for m in maildrop.messages] == [1, 2, 3]
     assert maildrop.read(2) == b"Subject: 1\r\n\r\nbody 1\r\n"
@@ -61,7 +67,7 @@ def test_snapshot_is_fixed_at_open(tmp_path: Path) -> None:
 def test_remove_ignores_imap_deleted_flags(tmp_path: Path) -> None:
     store = filled(4)
     store.store("INBOX", [4], "+", {"\\Deleted"})
-    maildrop = StoreMaildrop.open(tmp_path, store)
+    maildrop = StoreMaildrop.open(tmp_path, lambda: store)
     assert maildrop.remove([1, 3]) == [1, 3]
     maildrop.close()
     assert [m.uid for m in store.sync("INBOX").messages] == [2, 4]
@@ -72,6 +78,15 @@ def test_failed_snapshot_releases_the_lock(tmp_path: Path) -> None:
         def sync(self, name: str) -> Snapshot:
             raise OSError("index unreadable")
 
+    broken = Broken()
     with pytest.raises(OSError):
-        StoreMaildrop.open(tmp_path, Broken())
-    StoreMaildrop.open(tmp_path, filled()).close()
+        StoreMaildrop.open(tmp_path, lambda: broken)
+    assert broken.closed
+    StoreMaildrop.open(tmp_path, filled).close()
+
+    def unopenable() -> FakeStore:
+        raise OSError("permission denied")
+
+    with pytest.raises(OSError):
+        StoreMaildrop.open(tmp_path, unopenable)
+    StoreMaildrop.open(tmp_path, filled).close()

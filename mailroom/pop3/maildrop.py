@@ -20,7 +20,7 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -74,12 +74,13 @@ class StoreMaildrop:
             raise
 
     @classmethod
-    def open(cls, root: Path, store: Store) -> StoreMaildrop:
-        """Lock the Maildir at ``root`` and take the snapshot; closes ``store`` on failure."""
+    def open(cls, root: Path, open_store: Callable[[], Store]) -> StoreMaildrop:
+        """Lock the Maildir at ``root``, then open the store and take the snapshot."""
+        fd = lock_mailbox(root)
         try:
-            fd = lock_mailbox(root)
+            store = open_store()
         except BaseException:
-            store.close()
+            os.close(fd)
             raise
         return cls(store, fd)
 
