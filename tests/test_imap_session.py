@@ -1001,6 +1001,8 @@ def test_store_flags() -> None:
         S: * 4 FETCH (FLAGS (\\Deleted))
         S: A003 OK STORE completed
         C: a2 STORE 2 FLAGS.SILENT (\\Seen $Work)
+        S: * FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work)
+        S: * OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work \\*)] Flags that can be stored
         S: a2 OK STORE completed
         C: a3 STORE 2 -FLAGS $Work
         S: * 2 FETCH (FLAGS (\\Seen))
@@ -1030,6 +1032,8 @@ def test_store_unchangedsince_rfc7162_example() -> None:
         C: d105 STORE 1:3 (UNCHANGEDSINCE 4) +FLAGS.SILENT (\\Deleted)
         S: * 1 FETCH (MODSEQ (6))
         S: * 3 FETCH (MODSEQ (7))
+        S: * FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Other)
+        S: * OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Other \\*)] Flags that can be stored
         S: * 2 FETCH (FLAGS ($Other) MODSEQ (5))
         S: d105 OK [MODIFIED 2] STORE completed
     """)

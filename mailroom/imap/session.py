@@ -25,7 +25,7 @@ import enum
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -266,6 +266,7 @@ class Mailbox:
     highestmodseq: int = 0
     uidnext: int = 1
     gone: set[int] = field(default_factory=set)  # expunged, not yet reported
+    keywords: set[str] = field(default_factory=set)  # announced in FLAGS
 
     def seq(self, uid: int) -> int:
         i = bisect.bisect_left(self.uids, uid)
@@ -577,7 +578,7 @@ class IMAPSession:
         except MailboxNotFoundError:
             self._set_state(State.AUTHENTICATED)
             return b"* OK [CLOSED] The selected mailbox was deleted\r\n"
-        out = bytearray()
+        out = bytearray(self._new_keywords(box, snap.messages))
         current = {m.uid: m for m in snap.messages}
         box.gone.update(u for u in box.uids if u not in current)
         if box.gone and expunge:
@@ -615,6 +616,22 @@ class IMAPSession:
         box.highestmodseq = max(box.highestmodseq, snap.highestmodseq)
         box.uidnext = snap.uidnext
         return bytes(out)
+
+    def _flags_lines(self, box: Mailbox) -> bytes:
+        """FLAGS and PERMANENTFLAGS (RFC 9051 7.3.5, 7.1): the system flags and the keywords in use."""
+        flags = " ".join([*SYSTEM_FLAGS, *sorted(box.keywords)])
+        permanent = "" if box.readonly else f"{flags} \\*"
+        return (
+            f"* FLAGS ({flags})\r\n* OK [PERMANENTFLAGS ({permanent})] Flags that can be stored\r\n"
+        ).encode()
+
+    def _new_keywords(self, box: Mailbox, infos: Iterable[MessageInfo]) -> bytes:
+        """RFC 9051 7.3.5: a new FLAGS response when a keyword comes into use."""
+        used = _keywords(infos)
+        if used <= box.keywords:
+            return b""
+        box.keywords |= used
+        return self._flags_lines(box)
 
     def _flags(self, box: Mailbox, uid: int, info: MessageInfo) -> Value:
         flags = sorted(info.flags, key=lambda f: (not f.startswith("\\"), f))
@@ -873,8 +890,7 @@ class IMAPSession:
         )
         if not readonly:
             box.recent = set(store.claim_recent(name))
-        keywords = sorted({f for m in snap.messages for f in m.flags if not f.startswith("\\")})
-        flags = " ".join([*SYSTEM_FLAGS, *keywords])
+        box.keywords = _keywords(snap.messages)
         out += b"* %d EXISTS\r\n" % len(box.uids)
         if not self.rev2:
             out += b"* %d RECENT\r\n" % len(box.recent)
@@ -883,9 +899,7 @@ class IMAPSession:
             )
             if unseen:
                 out += b"* OK [UNSEEN %d] First unseen\r\n" % unseen
-        out += f"* FLAGS ({flags})\r\n".encode()
-        permanent = "" if readonly else f"{flags} \\*"
-        out += f"* OK [PERMANENTFLAGS ({permanent})] Flags that can be stored\r\n".encode()
+        out += self._flags_lines(box)
         out += b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % box.uidvalidity
         out += b"* OK [UIDNEXT %d] Predicted next UID\r\n" % box.uidnext
         out += b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % box.highestmodseq  # RFC 7162 3.1.2.1
@@ -1647,6 +1661,7 @@ class IMAPSession:
         if uids:
             changed, failed_uids = self._store().store(box.name, uids, mode, flags, unchangedsince)
             failed = list(failed_uids)
+            out += self._new_keywords(box, changed)
             for info in changed:
                 if info.uid not in box.infos:
                     continue
@@ -1744,6 +1759,10 @@ _ERRORS: tuple[tuple[type[MailroomError], str, str | None], ...] = (
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _keywords(infos: Iterable[MessageInfo]) -> set[str]:
+    return {f for m in infos for f in m.flags if not f.startswith("\\")}
 
 
 def _check_name(name: str) -> None:
