@@ -135,7 +135,7 @@ def fill(store: FakeStore, count: int, folder: str = "INBOX", **flags: frozenset
             folder,
             message(f"Message {i}", f"Body number {i}."),
             flags.get(f"m{i}", frozenset()),
-            datetime(2026, 11, i, 12, 0, 0, tzinfo=UTC),
+            datetime(2026, 11, (i - 1) % 30 + 1, 12, 0, 0, tzinfo=UTC),
         )
     store.claim_recent(folder)
 
