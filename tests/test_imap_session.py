@@ -633,6 +633,10 @@ def test_list_extended_subscribed_recursivematch() -> None:
         C: a2 LIST (SUBSCRIBED RECURSIVEMATCH) "" "Foo"
         S: * LIST (\\HasChildren) "/" "Foo" ("CHILDINFO" ("SUBSCRIBED"))
         S: a2 OK LIST completed
+        C: a5 LIST (SUBSCRIBED RECURSIVEMATCH) "" "Fo*"
+        S: * LIST (\\HasNoChildren \\Subscribed) "/" "Foo/Bar"
+        S: * LIST (\\HasChildren) "/" "Foo" ("CHILDINFO" ("SUBSCRIBED"))
+        S: a5 OK LIST completed
         C: a3 LIST (RECURSIVEMATCH) "" "%"
         S: a3 BAD Syntax error: RECURSIVEMATCH needs another selection option
         C: a4 LIST (FROB) "" "%"

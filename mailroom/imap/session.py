@@ -1124,13 +1124,16 @@ class IMAPSession:
                         continue
                     parents.add(parent)
         for parent in sorted(parents):
-            if any(name.startswith(parent + DELIMITER) for name in listed):
-                continue  # a child is listed already: "*" reached it
+            # With "*" a child is listed itself; "%" stops above it and lists the parent.
+            child_listed = any(name.startswith(parent + DELIMITER) for name in listed)
             name_bytes = self._enc(self._name(parent))
             if verb == "LSUB":
                 # RFC 3501 6.3.9: "%" returns the unsubscribed parent, flagged \Noselect.
-                out += b'* LSUB (\\Noselect) "/" %s\r\n' % name_bytes
+                if not child_listed:
+                    out += b'* LSUB (\\Noselect) "/" %s\r\n' % name_bytes
             elif parent in entries:
+                # RFC 5258 3: RECURSIVEMATCH reports a parent whose children match, whatever
+                # the pattern did with the children.
                 if "RECURSIVEMATCH" in selection:
                     attrs = self._attributes(entries[parent], verb)
                     child = b' ("CHILDINFO" ("SUBSCRIBED"))' if subscribed_only else b""
@@ -1139,7 +1142,7 @@ class IMAPSession:
                         name_bytes,
                         child,
                     )
-            else:
+            elif not child_listed:
                 out += b'* LIST (\\Noselect \\HasChildren) "/" %s\r\n' % name_bytes
         return bytes(out) + self._done(tag, f"{verb} completed")
 
