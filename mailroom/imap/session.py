@@ -1054,7 +1054,7 @@ class IMAPSession:
                     for item in status_items:
                         if item not in _STATUS_ITEMS:
                             raise ParseError(f"unknown STATUS item {item}")
-                elif option not in ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE", "MYRIGHTS"):
+                elif option not in ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE"):
                     raise ParseError(f"unknown LIST return option {option}")
                 returns.append(option)
                 if not args.peek(b")"):
