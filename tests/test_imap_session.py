@@ -1729,3 +1729,17 @@ def test_store_failure_at_login_is_a_tagged_no() -> None:
             S: a1 NO [CANNOT] the mail directory is not writable
         """)
         assert conv.session.state is State.NOT_AUTHENTICATED
+
+
+def test_message_cache_is_bounded_in_bytes() -> None:
+    store = FakeStore()
+    big = b"Subject: big\r\n\r\n" + b"x" * (6 * 1024 * 1024) + b"\r\n"
+    for _ in range(4):
+        store.append("INBOX", big)
+    conv = conversation(store)
+    conv.send(b"a SELECT INBOX\r\n")
+    out = conv.send(b"f1 FETCH 1:4 (RFC822.SIZE BODY.PEEK[HEADER] BODY.PEEK[TEXT]<0.10>)\r\n")
+    assert out.data.count(b"BODY[HEADER]") == 4
+    assert store.reads == 4  # several items of one message: one read
+    assert conv.session.cache_bytes <= 16 * 1024 * 1024
+    assert len(conv.session.cache) == 2

@@ -76,6 +76,7 @@ MAX_FAILED_LOGINS = 3
 MAX_BAD_COMMANDS = 10  # in a row, before authentication: then "* BYE"
 MAX_MAILBOX_NAME = 512  # characters
 MESSAGE_CACHE = 32  # parsed messages kept per session
+MESSAGE_CACHE_BYTES = 16 * 1024 * 1024  # ... and their octets; the newest one is always kept
 _HTTP = re.compile(rb"^[A-Z]{3,7} \S+ HTTP/\d")
 
 
@@ -319,6 +320,7 @@ class IMAPSession:
         self.cache: OrderedDict[tuple[str, int, int], tuple[bytes, ParsedMessage | None]] = (
             OrderedDict()
         )
+        self.cache_bytes = 0
 
     # -- the API the server calls ----------------------------------------------------------
 
@@ -1569,8 +1571,12 @@ class IMAPSession:
         raw = self._store().read(box.name, uid)
         entry: tuple[bytes, ParsedMessage | None] = (raw, None)
         self.cache[key] = entry
-        if len(self.cache) > MESSAGE_CACHE:
-            self.cache.popitem(last=False)
+        self.cache_bytes += len(raw)
+        while len(self.cache) > 1 and (
+            len(self.cache) > MESSAGE_CACHE or self.cache_bytes > MESSAGE_CACHE_BYTES
+        ):
+            _, (old, _) = self.cache.popitem(last=False)
+            self.cache_bytes -= len(old)
         return entry
 
     def _parsed(self, uid: int) -> ParsedMessage:
