@@ -9,6 +9,8 @@ Every error mailroom raises on purpose is a ``MailroomError``; anything else is 
     │   ├── NotFoundError         the domain, user or alias does not exist
     │   └── ExistsError           the domain, user or alias already exists
     ├── ActivationError           no usable sockets were passed by systemd (or bin/dev)
+    ├── UnknownTransferEncodingError  a body part's Content-Transfer-Encoding cannot be decoded
+    │                             (IMAP answers NO [UNKNOWN-CTE], RFC 9051 7.5.2)
     ├── DeliveryError             a message could not be stored; ``permanent`` says whether
     │   │                         a retry can help (False: temporary, 4xx; True: 5xx)
     │   └── QuotaExceededError    the mailbox is over its quota (permanent)
@@ -57,6 +59,10 @@ class ExistsError(AccountError):
 
 class ActivationError(MailroomError):
     """The process was started without the sockets it needs."""
+
+
+class UnknownTransferEncodingError(MailroomError):
+    """A body part's Content-Transfer-Encoding is not one mailroom can decode (BINARY fetch)."""
 
 
 class DeliveryError(MailroomError):
