@@ -1743,3 +1743,15 @@ def test_message_cache_is_bounded_in_bytes() -> None:
     assert store.reads == 4  # several items of one message: one read
     assert conv.session.cache_bytes <= 16 * 1024 * 1024
     assert len(conv.session.cache) == 2
+
+
+def test_fetch_response_size_is_capped() -> None:
+    store = FakeStore()
+    fill(store, 10)
+    conv = conversation(store, max_fetch_response=500)
+    conv.send(b"a SELECT INBOX\r\n")
+    out = conv.send(b"f1 FETCH 1:* BODY.PEEK[]\r\n")
+    assert out.data.count(b" FETCH (BODY[] {158}") == 3  # 3 x 183 octets pass 500
+    assert out.data.endswith(
+        b"f1 NO [LIMIT] Response too large; fetch fewer messages at a time\r\n"
+    )

@@ -228,6 +228,7 @@ class SessionConfig:
     preauth_timeout: float = 60
     autologout: float = 30 * 60  # RFC 9051 5.4: at least 30 minutes
     compress_available: bool = True
+    max_fetch_response: int = 256 * 1024 * 1024  # octets of one FETCH answer before NO [LIMIT]
     parse_message: Callable[[bytes], ParsedMessage] = parse_message
 
 
@@ -1492,6 +1493,11 @@ class IMAPSession:
                     seen_now.add(info.uid)
         gone_seen = False
         for u in uids:
+            if len(out) > self.config.max_fetch_response:
+                # Output is one bytes object: a FETCH of everything must not exhaust memory.
+                return bytes(out) + self._tagged(
+                    tag, "NO", "Response too large; fetch fewer messages at a time", code="LIMIT"
+                )
             try:
                 out += self._fetch_one(box, u, items, u in seen_now)
             except MessageGoneError:
