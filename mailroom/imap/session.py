@@ -42,6 +42,7 @@ from mailroom.errors import (
     QuotaExceededError,
     SpecialUseError,
     StoreError,
+    UnknownTransferEncodingError,
 )
 from mailroom.imap.parser import (
     MAX_LIST,
@@ -60,7 +61,7 @@ from mailroom.imap.parser import (
 )
 from mailroom.imap.search import BadCharsetError, Candidate, matches, parse_search, uses_modseq
 from mailroom.imap.wire import Atom, Value, encode, encode_mailbox, quoted_or_literal
-from mailroom.mime import Section
+from mailroom.mime import Message, Section
 
 if TYPE_CHECKING:  # mailroom.accounts imports sqlite3; the session only passes a User along
     from mailroom.accounts import User
@@ -207,11 +208,8 @@ class ParsedMessage(Protocol):
 
 
 def parse_message(raw: bytes) -> ParsedMessage:
-    """The MIME parse of ``raw`` (``mailroom.mime.Message``)."""
-    from mailroom.mime import Message  # type: ignore[attr-defined]
-
-    message: ParsedMessage = Message(raw)
-    return message
+    """The MIME view of ``raw`` (``mailroom.mime.Message``); SessionConfig can replace it."""
+    return Message(raw)
 
 
 @dataclass(frozen=True)
@@ -1616,13 +1614,13 @@ class IMAPSession:
     def _binary(self, uid: int, part: tuple[int, ...]) -> bytes | None:
         try:
             return self._parsed(uid).binary(part)
-        except MailroomError as err:  # mime.UnknownTransferEncodingError
+        except UnknownTransferEncodingError as err:  # RFC 3516 4.3
             raise Failure(str(err), code="UNKNOWN-CTE") from None
 
     def _binary_size(self, uid: int, part: tuple[int, ...]) -> int | None:
         try:
             return self._parsed(uid).binary_size(part)
-        except MailroomError as err:
+        except UnknownTransferEncodingError as err:
             raise Failure(str(err), code="UNKNOWN-CTE") from None
 
     # STORE (RFC 9051 6.4.6, RFC 7162 3.1.3 UNCHANGEDSINCE)
