@@ -8,6 +8,7 @@ and one parse per message.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from tests.imap_fake_store import FakeStore
 from tests.imap_transcript import Conversation, conversation, fill, message
@@ -167,3 +168,25 @@ def test_binary_of_an_unknown_encoding_is_unknown_cte() -> None:
         S: )
         S: b3 OK FETCH completed
     """)
+
+
+CORPUS = Path(__file__).parent / "mime_corpus"
+
+
+def test_corpus_through_fetch_matches_the_mime_goldens() -> None:
+    """Every corpus message: FETCH (ENVELOPE BODY BODYSTRUCTURE) is the golden, on the wire."""
+    emls = sorted(CORPUS.glob("*.eml"))
+    assert len(emls) >= 30
+    store = FakeStore()
+    for path in emls:
+        store.append("INBOX", path.read_bytes())
+    conv = conversation(store)
+    conv.send(b"a SELECT INBOX\r\n")
+    out = conv.send(b"f1 FETCH 1:* (ENVELOPE BODY BODYSTRUCTURE)\r\n")
+    expected = b"".join(
+        b"* %d FETCH (" % seq
+        + path.with_suffix(".imap").read_bytes()[:-2].replace(b"\r\nBODY", b" BODY")
+        + b")\r\n"
+        for seq, path in enumerate(emls, 1)
+    )
+    assert out.data == expected + b"f1 OK FETCH completed\r\n"
