@@ -1755,3 +1755,14 @@ def test_fetch_response_size_is_capped() -> None:
     assert out.data.endswith(
         b"f1 NO [LIMIT] Response too large; fetch fewer messages at a time\r\n"
     )
+
+
+def test_uidvalidity_change_under_a_session_disconnects() -> None:
+    conv, store = selected(2)
+    store.folders["INBOX"].uidvalidity = 2000  # e.g. the index rebuilt without its uidlist
+    out = conv.send(b"a1 NOOP\r\nb1 NOOP\r\n")
+    assert (
+        out.data
+        == b"* BYE [UNAVAILABLE] Mailbox UIDVALIDITY changed; please reconnect\r\na1 OK NOOP completed\r\n"
+    )
+    assert out.action == "close"

@@ -579,6 +579,11 @@ class IMAPSession:
         except MailboxNotFoundError:
             self._set_state(State.AUTHENTICATED)
             return b"* OK [CLOSED] The selected mailbox was deleted\r\n"
+        if snap.uidvalidity != box.uidvalidity:
+            # The index was rebuilt under us: none of the client's UIDs means anything now.
+            self._set_state(State.LOGOUT)
+            self.action = "close"
+            return b"* BYE [UNAVAILABLE] Mailbox UIDVALIDITY changed; please reconnect\r\n"
         out = bytearray(self._new_keywords(box, snap.messages))
         current = {m.uid: m for m in snap.messages}
         box.gone.update(u for u in box.uids if u not in current)
