@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 
 from mailroom.errors import UnknownTransferEncodingError
-from mailroom.imap.wire import Value
+from mailroom.imap.wire import Adjacent, Value
 
 MAX_DEPTH = 100
 """Entities nested deeper than this (multipart in multipart, message in message) are opaque."""
@@ -638,7 +638,8 @@ def _addresses(value: str | None) -> Value:
     flush()
     if in_group:
         out.append([None, None, None, None])
-    return out or None
+    # RFC 9051 9: "(" 1*address ")": no space between the addresses.
+    return [Adjacent(tuple(out))] if out else None
 
 
 def _envelope(header: _Header) -> Value:
@@ -902,7 +903,8 @@ def _structure(e: _Entity, extended: bool) -> Value:
     """BODYSTRUCTURE (``extended``) or BODY of an entity (RFC 9051 7.5.2, 9 body)."""
     get = e.header.get
     if e.children is not None:
-        multi: list[Value] = [_structure(child, extended) for child in e.children]
+        # RFC 9051 9: body-type-mpart = 1*body SP media-subtype: no space between the bodies.
+        multi: list[Value] = [Adjacent(tuple(_structure(child, extended) for child in e.children))]
         multi.append(_out(e.content_type.subtype))
         if extended:
             multi += [

@@ -60,7 +60,7 @@ def test_envelope_and_bodystructure() -> None:
         b'(("=?UTF-8?Q?J=C3=B6rg?=" NIL "jorg" "example.test")) '
         b'(("=?UTF-8?Q?J=C3=B6rg?=" NIL "jorg" "example.test")) '
         b'(("=?UTF-8?Q?J=C3=B6rg?=" NIL "jorg" "example.test")) '
-        b'((NIL NIL "a" "example.test") ("B, C" NIL "b" "example.test")) NIL NIL NIL '
+        b'((NIL NIL "a" "example.test")("B, C" NIL "b" "example.test")) NIL NIL NIL '
         b'"<parts@example.test>"))\r\n'
         b"f1 OK FETCH completed\r\n"
     )

@@ -19,7 +19,7 @@ import pytest
 
 from mailroom import mime
 from mailroom.errors import UnknownTransferEncodingError
-from mailroom.imap.wire import Value, encode
+from mailroom.imap.wire import Adjacent, Value, encode
 from mailroom.mime import Message, Section
 
 CORPUS = Path(__file__).parent / "mime_corpus"
@@ -68,14 +68,18 @@ def _leaves(
 ) -> list[tuple[tuple[int, ...], list[Value]]]:
     """(part number, body structure) of every part that is not a multipart."""
     assert isinstance(structure, list)
-    if not isinstance(structure[0], list):
+    if not isinstance(structure[0], Adjacent):
         return [(path or (1,), structure)]
     out: list[tuple[tuple[int, ...], list[Value]]] = []
-    for n, item in enumerate(structure, 1):
-        if not isinstance(item, list):
-            break  # the subtype: the bodies are over
+    for n, item in enumerate(_bodies(structure), 1):
         out += _leaves(item, (*path, n))
     return out
+
+
+def _bodies(structure: Value) -> tuple[Value, ...]:
+    """The bodies of a multipart's structure (written one after another, RFC 9051 9)."""
+    assert isinstance(structure, list) and isinstance(structure[0], Adjacent)
+    return structure[0].values
 
 
 @pytest.mark.parametrize("path", EMLS, ids=[p.stem for p in EMLS])
@@ -424,6 +428,8 @@ def test_date() -> None:
 
 
 def _depth(value: Value) -> int:
+    if isinstance(value, Adjacent):  # written without parentheses: no level of its own
+        return max((_depth(v) for v in value.values), default=0)
     if isinstance(value, list | tuple):
         return 1 + max((_depth(v) for v in value), default=0)
     return 0
@@ -441,8 +447,7 @@ def test_deep_multipart_nesting_is_capped() -> None:
     assert _depth(structure) == mime.MAX_DEPTH + 2
     innermost: Value = structure
     for _ in range(mime.MAX_DEPTH):
-        assert isinstance(innermost, list)
-        innermost = innermost[0]
+        innermost = _bodies(innermost)[0]
     assert isinstance(innermost, list)
     assert innermost[:2] == ["APPLICATION", "OCTET-STREAM"]
     encode(structure)
@@ -478,7 +483,7 @@ def test_enormous_header_and_part_counts() -> None:
     m = Message(crlf(f"Content-Type: multipart/mixed; boundary=p\n\n{parts}--p--\n"))
     structure = m.bodystructure()
     assert isinstance(structure, list)
-    bodies = [s for s in structure if isinstance(s, list) and s and s[0] == "TEXT"]
+    bodies = [s for s in _bodies(structure) if isinstance(s, list) and s and s[0] == "TEXT"]
     assert len(bodies) < mime.MAX_PARTS
     last = m.section(Section((len(bodies),)))
     assert last is not None and last.endswith(f"part {mime.MAX_PARTS + 49}".encode())

@@ -7,6 +7,7 @@ Sans-IO and dependency-free. ``encode`` writes the RFC 9051 section 4 data forma
     str / bytes     -> quoted string when it is short and safe, else a literal {n}
     Atom("FLAGS")   -> the atom itself (flags, keywords, response keywords)
     list / tuple    -> parenthesized list, elements separated by one space
+    Adjacent(...)   -> its values with nothing between them (multipart bodies, address lists)
 
 ``encode_mailbox``/``decode_mailbox`` are modified UTF-7 (RFC 3501 5.1.3).
 """
@@ -29,7 +30,18 @@ class Atom:
     text: str
 
 
-Value = None | int | str | bytes | Atom | list["Value"] | tuple["Value", ...]
+@dataclass(frozen=True, slots=True)
+class Adjacent:
+    """Values written one after another with no separator, e.g. the bodies of a multipart.
+
+    RFC 9051 9: ``body-type-mpart = 1*body SP media-subtype`` and ``"(" 1*address ")"`` have
+    no space between the bodies or the addresses.
+    """
+
+    values: tuple[Value, ...]
+
+
+Value = None | int | str | bytes | Atom | Adjacent | list["Value"] | tuple["Value", ...]
 
 
 def quoted_or_literal(data: bytes, *, utf8: bool = False) -> bytes:
@@ -61,6 +73,8 @@ def encode(value: Value, *, utf8: bool = False) -> bytes:
         return quoted_or_literal(value.encode("utf-8"), utf8=utf8)
     if isinstance(value, bytes):
         return quoted_or_literal(value, utf8=utf8)
+    if isinstance(value, Adjacent):
+        return b"".join(encode(v, utf8=utf8) for v in value.values)
     return b"(" + b" ".join(encode(v, utf8=utf8) for v in value) + b")"
 
 
@@ -125,7 +139,10 @@ def decode_mailbox(name: str) -> str:
                 text = base64.b64decode(padded).decode("utf-16-be")
             except (ValueError, UnicodeDecodeError):
                 raise MailboxNameError(f"mailbox name {name!r} has bad UTF-16") from None
-            if any(0x20 <= ord(ch) <= 0x7E for ch in text) or encode_mailbox(text) != "&" + chunk + "-":
+            if (
+                any(0x20 <= ord(ch) <= 0x7E for ch in text)
+                or encode_mailbox(text) != "&" + chunk + "-"
+            ):
                 raise MailboxNameError(f"mailbox name {name!r} is not in canonical modified UTF-7")
             out.append(text)
         i = end + 1
