@@ -1766,3 +1766,30 @@ def test_uidvalidity_change_under_a_session_disconnects() -> None:
         == b"* BYE [UNAVAILABLE] Mailbox UIDVALIDITY changed; please reconnect\r\na1 OK NOOP completed\r\n"
     )
     assert out.action == "close"
+
+
+def test_imap4rev2_utf8_names_and_uid_in_unsolicited_fetch() -> None:
+    """RFC 9051 Appendix E 16 and 21."""
+    store = FakeStore()
+    fill(store, 1)
+    store.create_mailbox("Entwürfe")
+    conv = conversation(store)
+    conv.run("""
+        C: a1 LIST "" "Entw*"
+        S: * LIST (\\HasNoChildren) "/" "Entw&APw-rfe"
+        S: a1 OK LIST completed
+        C: a2 ENABLE IMAP4rev2
+        S: * ENABLED IMAP4rev2
+        S: a2 OK ENABLE completed
+        C: a3 LIST "" "Entw*"
+        S: * LIST (\\HasNoChildren) "/" "Entwürfe"
+        S: a3 OK LIST completed
+    """)
+    conv.send(b"a4 SELECT INBOX\r\n")
+    conv.pending.clear()
+    store.store("INBOX", [1], "+", ["\\Answered"])
+    conv.run("""
+        C: a5 NOOP
+        S: * 1 FETCH (UID 1 FLAGS (\\Answered))
+        S: a5 OK NOOP completed
+    """)

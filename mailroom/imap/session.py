@@ -397,7 +397,8 @@ class IMAPSession:
 
     @property
     def utf8(self) -> bool:
-        return "UTF8=ACCEPT" in self.enabled
+        """UTF-8 mailbox names and strings: RFC 6855 UTF8=ACCEPT, or RFC 9051 (Appendix E 16)."""
+        return "UTF8=ACCEPT" in self.enabled or "IMAP4REV2" in self.enabled
 
     @property
     def rev2(self) -> bool:
@@ -650,7 +651,8 @@ class IMAPSession:
         self, box: Mailbox, uid: int, info: MessageInfo, *, with_uid: bool = False
     ) -> bytes:
         items: list[Value] = []
-        if with_uid or self.qresync:  # RFC 7162 3.2.4: with QRESYNC, FETCH carries the UID
+        # RFC 7162 3.2.4 (QRESYNC) and RFC 9051 (Appendix E 21): unsolicited FETCH carries the UID.
+        if with_uid or self.qresync or self.rev2:
             items += [Atom("UID"), uid]
         items += [Atom("FLAGS"), self._flags(box, uid, info)]
         if self.condstore:
@@ -1688,7 +1690,7 @@ class IMAPSession:
                 if not silent or unchangedsince is not None:
                     # RFC 7162 3.1.3: with UNCHANGEDSINCE, changed messages are reported (MODSEQ).
                     items: list[Value] = []
-                    if uid or self.qresync:
+                    if uid or self.qresync or self.rev2:
                         items += [Atom("UID"), info.uid]
                     if not silent:
                         items += [Atom("FLAGS"), self._flags(box, info.uid, info)]
