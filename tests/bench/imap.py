@@ -10,21 +10,14 @@ loopback port, never touching the system's own configuration.
 from __future__ import annotations
 
 import imaplib
-import shutil
-import socket
 import ssl
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from mailroom.accounts import Accounts
-from mailroom.addresses import parse_address
 from mailroom.maildir import Maildir
-from tests.bench.smtp_inbound import Row, _free_port
+from tests.bench.side_by_side import side_by_side
+from tests.bench.smtp_inbound import Row
 
 USER = "u@bench.test"
 PASSWORD = "bench-password-1"
@@ -41,72 +34,6 @@ def make_message(i: int) -> bytes:
         f"Message-ID: <{i}@elsewhere.test>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
         + body
     ).encode()
-
-
-def _wait_port(port: int) -> None:
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def _certificate(work: Path) -> tuple[Path, Path]:
-    cert, key = work / "cert.pem", work / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mail.bench.test",
-         "-keyout", key, "-out", cert],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
-def _dovecot(
-    work: Path, maildir: Path, cert: Path, key: Path, port: int
-) -> subprocess.Popen[bytes]:
-    conf = work / "dovecot.conf"
-    for sub in ("run", "state", "home"):
-        (work / sub).mkdir(exist_ok=True)
-    # Dovecot will not read mail as root: the copy and the home belong to its own user.
-    work.chmod(0o711)
-    subprocess.run(["chown", "-R", "dovecot:dovecot", str(maildir), str(work / "home")], check=True)
-    conf.write_text(
-        f"""
-base_dir = {work}/run
-state_dir = {work}/state
-log_path = {work}/dovecot.log
-protocols = imap
-listen = 127.0.0.1
-ssl = required
-ssl_cert = <{cert}
-ssl_key = <{key}
-auth_mechanisms = plain
-first_valid_uid = 100
-mail_location = maildir:{maildir}
-passdb {{
-  driver = static
-  args = password={PASSWORD}
-}}
-userdb {{
-  driver = static
-  args = uid=dovecot gid=dovecot home={work}/home
-}}
-service imap-login {{
-  inet_listener imap {{
-    port = 0
-  }}
-  inet_listener imaps {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-}}
-"""
-    )
-    proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stderr=subprocess.DEVNULL)
-    _wait_port(port)
-    return proc
 
 
 def _phase(
@@ -198,54 +125,13 @@ def _workload(port: int, context: ssl.SSLContext, count: int) -> dict[str, float
 
 
 def run(count: int = 10000) -> list[Row]:
-    work = Path(tempfile.mkdtemp(prefix="mailroom-bench-imap-", dir="/var/tmp"))
-    try:
-        cert, key = _certificate(work)
-        data = work / "data"
-        data.mkdir()
-        config = work / "config.toml"
-        config.write_text(
-            f'hostname = "mail.bench.test"\ndata_dir = "{data}"\nlog_level = "WARNING"\n'
-            f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
-        )
-        with Accounts(data / "auth.sqlite3") as accounts:
-            accounts.add_domain("bench.test")
-            accounts.add_user(USER, PASSWORD)
-        maildir = Maildir.for_address(data / "mail", parse_address(USER), "mail.bench.test")
+    def fill(maildir: Maildir) -> None:
         for i in range(count):
             maildir.deliver(make_message(i))
-        dovecot_maildir = work / "dovecot-maildir"
-        shutil.copytree(maildir.root, dovecot_maildir)
-        context = ssl.create_default_context(cafile=str(cert))
-        context.check_hostname = False
 
-        ports = {"imap": _free_port(), "imaps": _free_port()}
-        bindir = Path(sys.executable).parent
-        binds = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
-        mailroom = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mailroom.activator",
-                "--service",
-                f"{bindir / 'mailroom-imapd'}:{binds}",
-            ],
-            env={"CONFIG_PATH": str(config), "PATH": f"{bindir}:/usr/bin:/bin"},
-            stderr=subprocess.DEVNULL,
-        )
-        dovecot_port = _free_port()
-        dovecot = _dovecot(work, dovecot_maildir, cert, key, dovecot_port)
-        try:
-            _wait_port(ports["imaps"])
-            ours = _workload(ports["imaps"], context, count)
-            theirs = _workload(dovecot_port, context, count)
-        finally:
-            mailroom.terminate()
-            dovecot.terminate()
-            mailroom.wait(30)
-            dovecot.wait(30)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with side_by_side("mailroom-imapd", ("imap", "imaps"), "imap", USER, PASSWORD, fill) as servers:
+        ours = _workload(servers.mailroom_port, servers.context, count)
+        theirs = _workload(servers.dovecot_port, servers.context, count)
     rows = []
     for figure, value in ours.items():
         unit = "ms" if figure.endswith("(ms)") else "ops/s"
