@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.imap_fake_store import FakeStore
-from tests.imap_transcript import Conversation, conversation, fill, message
+from tests.imap_transcript import PASSWORD, Conversation, conversation, fill, message
 
 MULTIPART = (
     b"From: =?UTF-8?Q?J=C3=B6rg?= <jorg@example.test>\r\n"
@@ -190,3 +190,45 @@ def test_corpus_through_fetch_matches_the_mime_goldens() -> None:
         for seq, path in enumerate(emls, 1)
     )
     assert out.data == expected + b"f1 OK FETCH completed\r\n"
+
+
+def test_rfc9051_section_8_sample_connection() -> None:
+    """RFC 9051 8, on our data: lower-case commands, FULL, BODY[HEADER], a bare \\deleted."""
+    store = FakeStore()
+    fill(store, 18, m12=frozenset({"\\Seen"}))
+    conv = conversation(store, login=False)
+    raw = store.folders["INBOX"].bodies[12]
+    header = raw[: raw.index(b"\r\n\r\n") + 4]
+    conv.run(f"""
+        C: a001 login alice@example.test "{PASSWORD}"
+        S: a001 OK [CAPABILITY *] Logged in
+        C: a000 enable IMAP4rev2
+        S: * ENABLED IMAP4rev2
+        S: a000 OK ENABLE completed
+        C: a002 select inbox
+        S: * 18 EXISTS
+        S: * FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)
+        S: * OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] Flags that can be stored
+        S: * OK [UIDVALIDITY 1000] UIDs valid
+        S: * OK [UIDNEXT 19] Predicted next UID
+        S: * OK [HIGHESTMODSEQ 19] Highest
+        S: * LIST () "/" "INBOX"
+        S: a002 OK [READ-WRITE] SELECT completed
+        C: a003 fetch 12 full
+        S: * 12 FETCH (FLAGS (\\Seen) INTERNALDATE "12-Nov-2026 12:00:00 +0000" RFC822.SIZE 161 ENVELOPE ("Mon, 23 Nov 2026 09:00:00 +0100" "Message 12" (("Bob" NIL "bob" "example.test")) (("Bob" NIL "bob" "example.test")) (("Bob" NIL "bob" "example.test")) ((NIL NIL "alice" "example.test")) NIL NIL NIL "<Message.12@x>") BODY ("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 17 1))
+        S: a003 OK FETCH completed
+    """)
+    out = conv.send(b"a004 fetch 12 body[header]\r\n")
+    assert out.data == b"* 12 FETCH (BODY[HEADER] {%d}\r\n%s)\r\na004 OK FETCH completed\r\n" % (
+        len(header),
+        header,
+    )
+    conv.pending.clear()
+    conv.run("""
+        C: a005 store 12 +flags \\deleted
+        S: * 12 FETCH (UID 12 FLAGS (\\Deleted \\Seen))
+        S: a005 OK STORE completed
+        C: a006 logout
+        S: * BYE Logging out
+        S: a006 OK LOGOUT completed
+    """)
