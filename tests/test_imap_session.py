@@ -1793,3 +1793,15 @@ def test_imap4rev2_utf8_names_and_uid_in_unsolicited_fetch() -> None:
         S: * 1 FETCH (UID 1 FLAGS (\\Answered))
         S: a5 OK NOOP completed
     """)
+
+
+def test_append_utf8_rfc6855() -> None:
+    store = FakeStore()
+    conv = conversation(store)
+    body = "Subject: Grüße\r\n\r\nHallo\r\n".encode()
+    out = conv.send(b"a1 APPEND INBOX UTF8 (~{%d+}\r\n%s)\r\n" % (len(body), body))
+    assert out.data == b"a1 BAD Syntax error: UTF8 APPEND needs ENABLE UTF8=ACCEPT\r\n"
+    conv.send(b"e ENABLE UTF8=ACCEPT\r\n")
+    out = conv.send(b"a2 APPEND INBOX UTF8 (~{%d+}\r\n%s)\r\n" % (len(body), body))
+    assert out.data == b"a2 OK [APPENDUID 1000 1] APPEND completed\r\n"
+    assert store.folders["INBOX"].bodies[1] == body
