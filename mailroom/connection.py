@@ -166,7 +166,9 @@ class SessionConnection(asyncio.Protocol):
                     self.write(await loop.run_in_executor(self.executor, session.timed_out))
                     self.abort()
                     break
-                assert isinstance(item, bytes)
+                if not isinstance(item, bytes):
+                    await self.on_event(item)  # a marker a subclass queued (e.g. "mailbox changed")
+                    continue
                 self._dequeued(len(item))
                 await self.writable.wait()  # the client reads what it asked for first
                 out = await loop.run_in_executor(self.executor, session.feed, item)
@@ -177,6 +179,9 @@ class SessionConnection(asyncio.Protocol):
                     break
                 if out.action == "starttls":
                     await self.start_tls()
+                elif out.action is not None:
+                    self.on_action(out.action)
+                self.after_feed()
         except asyncio.CancelledError:
             self.session = None
             session.close()  # the loop is going away: release what the session holds now
@@ -187,6 +192,18 @@ class SessionConnection(asyncio.Protocol):
             self.abort()
         self.session = None
         await loop.run_in_executor(self.executor, session.close)
+
+    # hooks for protocols with more to do than the common part
+
+    async def on_event(self, item: object) -> None:
+        """A non-bytes item a subclass put into the queue; runs between two feeds."""
+
+    def on_action(self, action: str) -> None:
+        """An action of ``feed`` other than "close" and "starttls"."""
+        raise ValueError(f"{self.name}: unknown session action {action!r}")
+
+    def after_feed(self) -> None:
+        """Called after each ``feed`` has been answered."""
 
     async def start_tls(self) -> None:
         """Discard what was sent behind the STARTTLS command, then do the handshake."""
