@@ -1,4 +1,5 @@
-"""``mailroomctl``: the administrator's command line for domains, users, aliases and config.
+"""``mailroomctl``: the administrator's command line for domains, users, aliases, config and
+the users' mail indexes.
 
 Each command loads the settings (``$CONFIG_PATH``), opens the accounts database, does one
 thing and says what it did. ``main`` turns every ``MailroomError`` into one message on stderr
@@ -24,6 +25,8 @@ from mailroom.accounts import Accounts, User
 from mailroom.addresses import Address, normalise_domain, parse_address
 from mailroom.config import ENV_PREFIX, Settings, config_path, load_settings
 from mailroom.errors import ExistsError, MailroomError, NotFoundError
+from mailroom.maildir import Maildir
+from mailroom.mailstore import MailStore
 
 PROG = "mailroomctl"
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -55,8 +58,8 @@ def cli() -> None:
     """
 
 
-# One @cli.group() per noun. The later groups of design.md (setup, dkim, dns, tls, queue,
-# index) join as groups of their own in the same shape; `config edit` joins `config`.
+# One @cli.group() per noun. The later groups of design.md (setup, dkim, dns, tls, queue)
+# join as groups of their own in the same shape; `config edit` joins `config`.
 
 
 # -- config ----------------------------------------------------------------------------------
@@ -288,6 +291,52 @@ def alias_list() -> None:
     with _accounts(load_settings()) as accounts:
         for source, targets in accounts.list_aliases():
             click.echo(f"{source} -> {', '.join(targets)}")
+
+
+# -- index -----------------------------------------------------------------------------------
+
+
+@cli.group()
+def index() -> None:
+    """Rebuild a user's mail index (the UIDs, flags and mod-sequences IMAP and POP3 serve)."""
+
+
+@index.command("rebuild")
+@click.argument("address")
+def index_rebuild(address: str) -> None:
+    """Recreate the mail index of ADDRESS from the Maildir.
+
+    Every message and flag is kept, and so are the UIDs the Maildir still records, so IMAP
+    clients need not download anything again. Safe while mail arrives and clients are
+    connected.
+    """
+    settings = load_settings()
+    with _accounts(settings) as accounts:
+        existing = _existing_user(accounts, address)
+    path = _maildir(settings, existing.address)
+    if not path.is_dir():
+        raise MailroomError(f"{existing.address} has no mail yet ({path} does not exist)")
+    _become_owner(path)
+    maildir = Maildir.for_address(settings.mail_root, existing.address, settings.hostname)
+    with MailStore(maildir) as store:
+        mailboxes, messages = store.rebuild()
+    click.echo(
+        f"rebuilt the mail index of {existing.address}: {mailboxes} mailbox(es),"
+        f" {messages} message(s)"
+    )
+
+
+def _become_owner(path: Path) -> None:
+    """Run as the owner of ``path`` when started as root, so that every file the command
+    writes (index, uidlists) belongs to the user the mail services run as."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(path)
+    if owner.st_uid == 0:
+        return
+    os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)
 
 
 # -- helpers shared by the commands above ----------------------------------------------------

@@ -16,6 +16,8 @@ import pytest
 
 from mailroom import __version__
 from mailroom.accounts import Accounts
+from mailroom.maildir import Maildir
+from mailroom.mailstore import INDEX_NAME, MailStore
 
 MAILROOMCTL = Path(sys.executable).parent / "mailroomctl"
 PASSWORD = "correct horse"
@@ -343,3 +345,44 @@ def test_an_unreadable_database_is_one_clear_error(ctl: Ctl) -> None:
     ctl.data_dir.mkdir()
     (ctl.data_dir / "auth.sqlite3").write_bytes(b"not a database" * 100)
     assert "cannot open the accounts database" in ctl.fails("domain", "list")
+
+
+def test_index_rebuild_keeps_messages_flags_and_uids(alice: Ctl) -> None:
+    maildir = Maildir(alice.maildir("alice@example.test"), "mail.example.test")
+    for n in range(3):
+        maildir.deliver(b"Subject: %d\r\n\r\nhello\r\n" % n)
+    with MailStore(maildir) as store:
+        store.ensure_defaults()
+        store.sync("INBOX")
+        store.store("INBOX", [2, 4], "+", ["\\Seen", "$Forwarded"])
+        store.store("INBOX", [3], "+", ["\\Deleted"])
+        store.expunge("INBOX")
+        store.append("Sent", b"Subject: sent\r\n\r\nbye\r\n", ["\\Seen"])
+        before = {
+            name: (s.uidvalidity, [(m.uid, m.key, m.flags) for m in s.messages])
+            for name in ("INBOX", "Sent")
+            for s in [store.sync(name)]
+        }
+    assert [uid for uid, _, _ in before["INBOX"][1]] == [1, 2, 4]  # 1.msg came first
+    expected = "rebuilt the mail index of alice@example.test: 6 mailbox(es), 4 message(s)\n"
+    assert alice.ok("index", "rebuild", "ALICE@example.test") == expected
+    (maildir.root / INDEX_NAME).write_bytes(os.urandom(20000))  # garbage: rebuilt as well
+    assert alice.ok("index", "rebuild", "alice@example.test") == expected
+    with MailStore(maildir) as store:
+        after = {
+            name: (s.uidvalidity, [(m.uid, m.key, m.flags) for m in s.messages])
+            for name in ("INBOX", "Sent")
+            for s in [store.sync(name)]
+        }
+    assert after == before
+
+
+def test_index_rebuild_errors(alice: Ctl) -> None:
+    assert "user nobody@example.test does not exist" in alice.fails(
+        "index", "rebuild", "nobody@example.test"
+    )
+    alice.ok("user", "add", "carol@example.test", "--password-stdin", stdin=PASSWORD + "\n")
+    assert "carol@example.test has no mail yet" in alice.fails(
+        "index", "rebuild", "carol@example.test"
+    )
+    assert not alice.maildir("carol@example.test").exists()
