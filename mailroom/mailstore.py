@@ -886,6 +886,7 @@ class MailStore:
         self._lock = threading.RLock()
         self._depth = 0
         self._cache: dict[str, _Cached] = {}
+        self._last: dict[str, tuple[int, dict[int, MessageInfo]]] = {}  # for _load to reuse
         self._keywords: dict[Path, Keywords] = {}
         try:
             maildir.create()
@@ -1213,10 +1214,11 @@ class MailStore:
             and cur == cached.filenames
         ):
             return cached.snapshot
-        loaded = self._load(folder.name)
-        if loaded is not None and not new and cur == loaded.filenames:
-            self._cache[folder.name] = loaded
-            return loaded.snapshot
+        if not new:  # perhaps only the index changed (another process synced first)
+            loaded = self._load(folder.name)
+            if loaded is not None and cur == loaded.filenames:
+                self._cache[folder.name] = loaded
+                return loaded.snapshot
         with self._index.write() as db:
             self._sync_locked(db, folder)
         loaded = self._load(folder.name)
@@ -1238,11 +1240,17 @@ class MailStore:
             ).fetchall()
         messages: list[MessageInfo] = []
         files: dict[int, str] = {}
+        # Within one UIDVALIDITY a UID's key, size and date never change: a message whose
+        # MODSEQ is the same as last time is the same MessageInfo.
+        last_uidvalidity, last = self._last.get(name, (0, {}))
+        if last_uidvalidity != box.uidvalidity:
+            last = {}
         for uid, key, filename, flags, modseq, size, date, _, expunging in rows:
             if expunging:
                 return None
-            messages.append(
-                MessageInfo(
+            info = last.get(uid)
+            if info is None or info.modseq != modseq:
+                info = MessageInfo(
                     uid,
                     frozenset(flags.split()),
                     modseq,
@@ -1250,8 +1258,9 @@ class MailStore:
                     datetime.fromtimestamp(date, UTC),
                     key,
                 )
-            )
+            messages.append(info)
             files[uid] = filename
+        self._last[name] = (box.uidvalidity, {m.uid: m for m in messages})
         snapshot = Snapshot(name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages))
         return _Cached(self._index.inode, data_version, frozenset(files.values()), snapshot, files)
 
@@ -1376,7 +1385,11 @@ class MailStore:
                 continue
 
         # 3. Compare cur/ with the index: renamed (flags) and vanished files.
-        on_disk = _by_key(_listdir(folder.cur))
+        in_cur = _listdir(folder.cur)
+        if self._split_duplicates(folder, rows, in_cur):
+            log.info("%s: files sharing a key got keys of their own", folder.cur)
+            in_cur = _listdir(folder.cur)
+        on_disk = _by_key(in_cur)
         if any(key not in on_disk for key in rows):
             # readdir may miss a file being renamed by a mail reader right now: look again.
             on_disk = _by_key(_listdir(folder.cur))
@@ -1457,6 +1470,31 @@ class MailStore:
             (uidnext, highest, box.id),
         )
         self._cache.pop(folder.name, None)
+
+    def _split_duplicates(self, folder: _Folder, rows: dict[str, _Row], names: list[str]) -> bool:
+        """Give a new key to each extra file sharing a key (a mail reader's crash can leave
+        ``k:2,S`` beside ``k:2,``): it becomes a message of its own, as Dovecot does it."""
+        keys = [name.partition(":")[0] for name in names]
+        if len(set(keys)) == len(keys):
+            return False
+        groups: dict[str, list[str]] = {}
+        for key, name in zip(keys, names, strict=True):
+            groups.setdefault(key, []).append(name)
+        split = False
+        for key, names in groups.items():
+            if len(names) < 2:
+                continue
+            known = rows.get(key)
+            keep = known.filename if known is not None and known.filename in names else min(names)
+            for extra in names:
+                if extra == keep:
+                    continue
+                sizes = "".join(m[0] for m in (_SIZE_S.search(key), _SIZE_W.search(key)) if m)
+                fresh = f"{self.maildir.unique()}{sizes}:2,{_split_name(extra)[1]}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(folder.cur / extra, folder.cur / fresh)
+                    split = True
+        return split
 
     def _tombstones(self, db: sqlite3.Connection, box: _Box, uids: list[int], modseq: int) -> None:
         """Drop the rows of expunged ``uids`` and remember them for QRESYNC."""

@@ -475,6 +475,20 @@ def test_read_follows_renames_and_reports_expunged_messages(
         store.path("INBOX", 99)
 
 
+def test_two_files_with_one_key_become_two_messages(store: MailStore, maildir: Maildir) -> None:
+    maildir.deliver(message(1))
+    (info,) = store.sync("INBOX").messages
+    (name,) = cur_names(maildir.root)
+    (maildir.root / "cur" / f"{info.key}:2,S").write_bytes(
+        (maildir.root / "cur" / name).read_bytes()
+    )
+    snap = store.sync("INBOX")
+    assert [m.uid for m in snap.messages] == [1, 2]
+    assert snap.messages[0] == info
+    assert snap.messages[1].flags == {"\\Seen"} and snap.messages[1].size == info.size
+    assert store.sync("INBOX") is store.sync("INBOX")  # settled: the fast path again
+
+
 def test_files_removed_by_another_program_are_expunged(store: MailStore, maildir: Maildir) -> None:
     maildir.deliver(message(1))
     maildir.deliver(message(2))
