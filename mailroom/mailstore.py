@@ -47,8 +47,9 @@ What it promises
 * EXPUNGE marks the messages in the index (commit), then unlinks the files and fsyncs the
   directory, then drops the rows. A crash in between loses nothing that was not expunged, and
   the next sync finishes the job: an expunged message never comes back under a new UID.
-* ``sync`` with nothing new lists ``new/`` and ``cur/`` and compares the names with the index:
-  no file is opened or stat'ed. New files are stat'ed (their mtime is the internal date) but
+* ``sync`` with nothing new lists ``new/`` and ``cur/`` and compares the names with the index
+  (cached in memory while SQLite's ``data_version`` says no other process wrote): no message
+  file is opened or stat'ed. New files are stat'ed (their mtime is the internal date) but
   never read when their names carry the Maildir++ ``W=`` size.
 
 Instances are safe to use from several threads; they are not meant to be shared across a fork.

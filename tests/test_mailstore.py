@@ -192,6 +192,10 @@ def test_folders_delivered_to_by_smtp_are_mailboxes(store: MailStore, maildir: M
         number(store.read("Lists/mailroom", m.uid)) for m in store.sync("Lists/mailroom").messages
     ] == [2]
     assert len(store.sync("Junk").messages) == 1
+    assert store.watch_dirs("Lists/mailroom") == [
+        maildir.root / ".Lists.mailroom" / "new",
+        maildir.root / ".Lists.mailroom" / "cur",
+    ]
 
 
 def test_missing_mailbox(store: MailStore) -> None:
