@@ -18,9 +18,5 @@ def imapd() -> int:
     return _pending("mailroom-imapd", "IMAP server")
 
 
-def pop3d() -> int:
-    return _pending("mailroom-pop3d", "POP3 server")
-
-
 def deliver() -> int:
     return _pending("mailroom-deliver", "Sending mail")

@@ -1,0 +1,112 @@
+"""The asyncio side of the POP3 server: one ``SessionConnection`` with a ``POP3Session`` per client.
+
+What this module owns: building each connection's ``SessionConfig`` from the settings and
+the client's address (TLS or not, whether plaintext passwords are allowed from it, the
+throttled password check) and the endpoints of the two fd names. Reading, writing, STLS and
+the timer are ``mailroom.connection``'s; the protocol is ``session``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from mailroom.accounts import Accounts, User
+from mailroom.activation import Endpoint
+from mailroom.config import Settings
+from mailroom.connection import SessionConnection
+from mailroom.pop3.session import Maildrop, POP3Session, SessionConfig
+from mailroom.throttle import AuthThrottle, throttled
+
+log = logging.getLogger(__name__)
+
+BUSY = b"-ERR [SYS/TEMP] Too many connections; try again later\r\n"
+CRASH = b"-ERR [SYS/TEMP] Internal server error\r\n"
+
+
+def is_loopback(peer: str) -> bool:
+    """Whether ``peer`` (an IP address as text) is a loopback address, IPv4-mapped or not."""
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def session_factory(
+    settings: Settings,
+    accounts: Accounts,
+    throttle: AuthThrottle,
+    open_maildrop: Callable[[User], Maildrop],
+    *,
+    implicit_tls: bool,
+    starttls: bool,
+) -> Callable[[str], POP3Session]:
+    """A function making the session of one connection from the client's address."""
+
+    def make(peer: str) -> POP3Session:
+        plaintext = settings.pop3.allow_plaintext_loopback and is_loopback(peer)
+        return POP3Session(
+            SessionConfig(
+                hostname=settings.hostname,
+                authenticate=throttled(accounts.verify_password, throttle, peer),
+                open_maildrop=open_maildrop,
+                implicit_tls=implicit_tls,
+                starttls_available=starttls and not implicit_tls,
+                plaintext_auth=plaintext,
+                timeout=settings.pop3.timeout_seconds,
+            )
+        )
+
+    return make
+
+
+def endpoints(
+    settings: Settings,
+    accounts: Accounts,
+    open_maildrop: Callable[[User], Maildrop],
+    tls: ssl.SSLContext | None,
+    executor: Executor,
+) -> dict[str, Endpoint]:
+    """The endpoints of ``pop3`` (110, STLS) and ``pop3s`` (995, implicit TLS)."""
+    throttle = AuthThrottle()
+
+    def endpoint(implicit_tls: bool) -> Endpoint:
+        make = session_factory(
+            settings,
+            accounts,
+            throttle,
+            open_maildrop,
+            implicit_tls=implicit_tls,
+            starttls=tls is not None,
+        )
+
+        def connection() -> SessionConnection:
+            return SessionConnection(
+                make, starttls=tls, executor=executor, name="POP3", crash_reply=CRASH
+            )
+
+        return Endpoint(connection, BUSY, tls=tls if implicit_tls else None)
+
+    result = {"pop3": endpoint(False)}
+    if tls is not None:
+        result["pop3s"] = endpoint(True)
+    else:
+        log.error(
+            "pop3s: no TLS certificate at %s; connections on 995 are closed", settings.tls_cert
+        )
+        result["pop3s"] = Endpoint(_Hangup, BUSY)
+    return result
+
+
+class _Hangup(asyncio.Protocol):
+    """For pop3s without a certificate: nothing can be said, so close at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
