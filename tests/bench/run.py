@@ -7,11 +7,12 @@ import json
 import sys
 from collections.abc import Callable
 
-from tests.bench import imap, smtp_inbound
+from tests.bench import imap, pop3, smtp_inbound
 
 SCENARIOS: dict[str, Callable[..., list[smtp_inbound.Row]]] = {
     "smtp-inbound": smtp_inbound.run,
     "imap": imap.run,
+    "pop3": pop3.run,
 }
 
 

@@ -1,0 +1,68 @@
+"""Benchmark ``pop3``: download 1,000 messages of 10 KiB with RETR, mailroom-pop3d against Dovecot.
+
+Both servers serve the same Maildir (mailroom's, and a copy for Dovecot's dovecot-pop3d) over
+implicit TLS on loopback, through ``side_by_side``. One poplib client logs in, then RETRs every
+message in order and checks its size; the figure is messages per second over the RETRs, the
+best of ``ROUNDS`` sessions (the first session of each server also builds its index). QUIT
+deletes nothing, so every round sees the same mailbox.
+"""
+
+from __future__ import annotations
+
+import poplib
+import ssl
+import time
+
+from mailroom.maildir import Maildir
+from tests.bench.fsync_limit import make_message
+from tests.bench.side_by_side import side_by_side
+from tests.bench.smtp_inbound import Row
+
+USER = "u@bench.test"
+PASSWORD = "bench-password-1"
+SIZE = 10 * 1024
+ROUNDS = 3
+
+
+def _session(port: int, context: ssl.SSLContext, count: int) -> tuple[float, float]:
+    """(login in ms, RETR messages per second) of one session."""
+    start = time.perf_counter()
+    client = poplib.POP3_SSL("127.0.0.1", port, context=context, timeout=60)
+    client.user(USER)
+    client.pass_(PASSWORD)
+    listed, _ = client.stat()
+    login = (time.perf_counter() - start) * 1000
+    if listed != count:
+        raise RuntimeError(f"server lists {listed} messages, expected {count}")
+    start = time.perf_counter()
+    for n in range(1, count + 1):
+        _, lines, _ = client.retr(n)
+        if sum(len(line) + 2 for line in lines) != SIZE:
+            raise RuntimeError(f"message {n} has the wrong size")
+    rate = count / (time.perf_counter() - start)
+    client.quit()
+    return login, rate
+
+
+def _measure(port: int, context: ssl.SSLContext, count: int) -> dict[str, float]:
+    sessions = [_session(port, context, count) for _ in range(ROUNDS)]
+    return {
+        "first login + STAT (ms)": sessions[0][0],
+        "login + STAT (ms)": min(s[0] for s in sessions[1:]),
+        f"RETR {count} x 10 KiB (messages/s)": max(s[1] for s in sessions),
+    }
+
+
+def run(count: int = 1000) -> list[Row]:
+    def fill(maildir: Maildir) -> None:
+        for _ in range(count):
+            maildir.deliver(make_message(SIZE))
+
+    with side_by_side("mailroom-pop3d", ("pop3", "pop3s"), "pop3", USER, PASSWORD, fill) as servers:
+        ours = _measure(servers.mailroom_port, servers.context, count)
+        theirs = _measure(servers.dovecot_port, servers.context, count)
+    rows = []
+    for figure, value in ours.items():
+        unit = "ms" if figure.endswith("(ms)") else "msg/s"
+        rows.append(Row(f"pop3: {figure}", value, theirs[figure], "Dovecot", unit))
+    return rows
