@@ -1,0 +1,216 @@
+"""The IMAP session on the real store (``mailroom.mailstore`` over a Maildir in tmp_path).
+
+Values the real store chooses (UIDVALIDITY, mod-sequences, dates) are matched with ``*``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from mailroom.imap.session import State
+from mailroom.maildir import Maildir
+from mailroom.mailstore import MailStore
+from tests.imap_transcript import Conversation, conversation, message
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> MailStore:
+    maildir = Maildir(
+        tmp_path / "mail" / "example.test" / "alice", "mail.example.test", fsync=lambda fd: None
+    )
+    return MailStore(maildir, quota_bytes=1024 * 1024)
+
+
+def fill(store: MailStore, count: int) -> None:
+    store.ensure_defaults()
+    for i in range(1, count + 1):
+        store.append(
+            "INBOX",
+            message(f"Message {i}", f"Body number {i}."),
+            (),
+            datetime(2026, 11, i, 12, tzinfo=UTC),
+        )
+
+
+def selected(store: MailStore, count: int = 3) -> Conversation:
+    fill(store, count)
+    conv = conversation(store)
+    conv.send(b"a SELECT INBOX\r\n")
+    conv.pending.clear()
+    return conv
+
+
+def test_login_creates_default_mailboxes(store: MailStore) -> None:
+    conv = conversation(store)
+    conv.run("""
+        C: a1 LIST "" *
+        S: * LIST (\\HasNoChildren *) "/" "INBOX"
+        S: * LIST (\\HasNoChildren \\Subscribed \\Archive) "/" "Archive"
+        S: * LIST (\\HasNoChildren \\Subscribed \\Drafts) "/" "Drafts"
+        S: * LIST (\\HasNoChildren \\Subscribed \\Junk) "/" "Junk"
+        S: * LIST (\\HasNoChildren \\Subscribed \\Sent) "/" "Sent"
+        S: * LIST (\\HasNoChildren \\Subscribed \\Trash) "/" "Trash"
+        S: a1 OK LIST completed
+    """)
+
+
+def test_select_fetch_store_search_expunge(store: MailStore) -> None:
+    fill(store, 3)
+    conv = conversation(store)
+    conv.run("""
+        C: a1 SELECT INBOX
+        S: * 3 EXISTS
+        S: * 3 RECENT
+        S: * OK [UNSEEN 1] First unseen
+        S: * FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)
+        S: * OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] Flags that can be stored
+        S: * OK [UIDVALIDITY *] UIDs valid
+        S: * OK [UIDNEXT 4] Predicted next UID
+        S: * OK [HIGHESTMODSEQ *] Highest
+        S: a1 OK [READ-WRITE] SELECT completed
+        C: a2 FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE)
+        S: * 1 FETCH (UID 1 FLAGS (\\Recent) RFC822.SIZE 158 INTERNALDATE " 1-Nov-2026 12:00:00 +0000")
+        S: * 2 FETCH (UID 2 FLAGS (\\Recent) RFC822.SIZE 158 INTERNALDATE " 2-Nov-2026 12:00:00 +0000")
+        S: * 3 FETCH (UID 3 FLAGS (\\Recent) RFC822.SIZE 158 INTERNALDATE " 3-Nov-2026 12:00:00 +0000")
+        S: a2 OK FETCH completed
+        C: a3 FETCH 2 BODY[TEXT]
+        S: * 2 FETCH (BODY[TEXT] {16}
+        S: Body number 2.
+        S:  FLAGS (\\Seen \\Recent))
+        S: a3 OK FETCH completed
+        C: a4 STORE 1,3 +FLAGS (\\Deleted $Work)
+        S: * FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work)
+        S: * OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work \\*)] Flags that can be stored
+        S: * 1 FETCH (FLAGS (\\Deleted $Work \\Recent))
+        S: * 3 FETCH (FLAGS (\\Deleted $Work \\Recent))
+        S: a4 OK STORE completed
+        C: a5 SEARCH DELETED KEYWORD $Work
+        S: * SEARCH 1 3
+        S: a5 OK SEARCH completed
+        C: a6 UID SEARCH RETURN (COUNT ALL) SEEN
+        S: * ESEARCH (TAG "a6") UID COUNT 1 ALL 2
+        S: a6 OK SEARCH completed
+        C: a7 EXPUNGE
+        S: * 3 EXPUNGE
+        S: * 1 EXPUNGE
+        S: a7 OK EXPUNGE completed
+        C: a8 FETCH 1 (UID FLAGS)
+        S: * 1 FETCH (UID 2 FLAGS (\\Seen \\Recent))
+        S: a8 OK FETCH completed
+    """)
+
+
+def test_append_copy_move_with_uids(store: MailStore) -> None:
+    conv = selected(store, 2)
+    raw = message("Appended")
+    conv.run(f"""
+        C: a1 APPEND Drafts (\\Draft) "05-Nov-2026 10:11:12 +0100" {{{len(raw)}}}
+        S: + Ready for literal data
+    """)
+    conv.send(raw + b"\r\n")
+    conv.run("""
+        S: a1 OK [APPENDUID * 1] APPEND completed
+        C: a2 UID COPY 1:2 Archive
+        S: a2 OK [COPYUID * 1,2 1,2] COPY completed
+        C: a3 UID MOVE 1 Trash
+        S: * OK [COPYUID * 1 1] Moved
+        S: * 1 EXPUNGE
+        S: a3 OK MOVE completed
+        C: a4 STATUS Archive (MESSAGES UIDNEXT)
+        S: * STATUS "Archive" (MESSAGES 2 UIDNEXT 3)
+        S: a4 OK STATUS completed
+        C: a5 APPEND Nope {3+}
+        C: abc
+        S: a5 NO [TRYCREATE] No mailbox Nope
+    """)
+    assert store.read("Drafts", 1) == raw
+
+
+def test_two_sessions_see_each_other(store: MailStore, tmp_path: Path) -> None:
+    fill(store, 2)
+    other = MailStore(store.maildir, quota_bytes=store.quota_bytes)
+    one, two = conversation(store), conversation(other)
+    one.send(b"a SELECT INBOX\r\n")
+    two.send(b"a SELECT INBOX\r\n")
+    one.pending.clear()
+    two.pending.clear()
+    two.run("""
+        C: b1 STORE 1 +FLAGS (\\Flagged)
+        S: * 1 FETCH (FLAGS (\\Flagged))
+        S: b1 OK STORE completed
+    """)
+    one.run("""
+        C: c1 NOOP
+        S: * 1 FETCH (FLAGS (\\Flagged \\Recent))
+        S: c1 OK NOOP completed
+        C: c2 IDLE
+        S: + idling
+    """)
+    other.append("INBOX", message("Late"))
+    assert one.session.idle_poll() == b"* 3 EXISTS\r\n* 3 RECENT\r\n"
+    one.run("""
+        C: DONE
+        S: c2 OK IDLE terminated
+    """)
+    assert one.session.watch_dirs()
+    other.close()
+
+
+def test_bad_names_refused_by_session_and_store(store: MailStore) -> None:
+    conv = conversation(store)
+    conv.run("""
+        C: a1 CREATE "../escape"
+        S: a1 NO [CANNOT] Invalid mailbox name '../escape'
+        C: a2 CREATE "a//b"
+        S: a2 NO [CANNOT] Invalid mailbox name 'a//b'
+        C: a3 CREATE "Projects/2026"
+        S: a3 OK CREATE completed
+        C: a4 RENAME "Projects/2026" "Projects/Done"
+        S: a4 OK RENAME completed
+        C: a5 LIST "" "Projects*"
+        S: * LIST (\\Noselect \\HasChildren) "/" "Projects"
+        S: * LIST (\\HasNoChildren) "/" "Projects/Done"
+        S: a5 OK LIST completed
+        C: a6 CREATE Other (USE (\\Flagged))
+        S: a6 NO [USEATTR] *
+    """)
+    assert not (store.maildir.root.parent / "escape").exists()
+
+
+def test_qresync_on_the_real_store(store: MailStore) -> None:
+    fill(store, 3)
+    status = store.status("INBOX")
+    store.store("INBOX", [2], "+", ["\\Deleted"])
+    store.expunge("INBOX")
+    conv = conversation(store)
+    conv.run(f"""
+        C: e ENABLE QRESYNC
+        S: * ENABLED QRESYNC
+        S: e OK ENABLE completed
+        C: s SELECT INBOX (QRESYNC ({status.uidvalidity} {status.highestmodseq} 1:3))
+        S: * 2 EXISTS
+        S: * 2 RECENT
+        S: * OK [UNSEEN 1] First unseen
+        S: * FLAGS (*)
+        S: * OK [PERMANENTFLAGS (*)] Flags that can be stored
+        S: * OK [UIDVALIDITY {status.uidvalidity}] UIDs valid
+        S: * OK [UIDNEXT 4] Predicted next UID
+        S: * OK [HIGHESTMODSEQ *] Highest
+        S: * VANISHED (EARLIER) 2
+        S: s OK [READ-WRITE] SELECT completed
+    """)
+    assert conv.session.state is State.SELECTED
+
+
+def test_quota_from_the_store(store: MailStore) -> None:
+    fill(store, 2)
+    conv = conversation(store)
+    conv.run("""
+        C: q1 GETQUOTAROOT INBOX
+        S: * QUOTAROOT "INBOX" ""
+        S: * QUOTA "" (STORAGE 1 1024)
+        S: q1 OK GETQUOTAROOT completed
+    """)
