@@ -14,9 +14,5 @@ def submission() -> int:
     return _pending("mailroom-submission", "Sending mail")
 
 
-def imapd() -> int:
-    return _pending("mailroom-imapd", "IMAP server")
-
-
 def deliver() -> int:
     return _pending("mailroom-deliver", "Sending mail")

@@ -35,9 +35,13 @@ def test_systemd_analyze_verify_is_silent(tmp_path: Path) -> None:
 
 
 def test_socket_names_match_the_programs() -> None:
-    from mailroom import smtpd
+    from mailroom import imapd, pop3d, smtpd
 
-    served = {"mailroom-smtpd.service": set(smtpd.ENDPOINT_NAMES)}
+    served = {
+        "mailroom-smtpd.service": set(smtpd.ENDPOINT_NAMES),
+        "mailroom-imapd.service": set(imapd.ENDPOINT_NAMES),
+        "mailroom-pop3d.service": set(pop3d.ENDPOINT_NAMES),
+    }
     for socket_unit in UNITS.glob("*.socket"):
         unit = _unit(socket_unit)
         service = unit["Socket"]["Service"]

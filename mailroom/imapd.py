@@ -1,0 +1,128 @@
+"""``mailroom-imapd``: the IMAP server (fd names ``imap``: 143 with STARTTLS, ``imaps``: 993 TLS).
+
+Wires the pieces together and hands over: settings, accounts, the TLS context, one inotify
+watcher and one thread pool for the whole process, and a session factory per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from mailroom.accounts import Accounts, User
+from mailroom.activation import Endpoint, Limits, serve
+from mailroom.config import Settings
+from mailroom.imap.server import IMAPConnection
+from mailroom.imap.session import IMAPSession, SessionConfig
+from mailroom.inotify import Watcher
+from mailroom.maildir import Maildir
+from mailroom.mailstore import MailStore
+from mailroom.service import Sockets, run
+from mailroom.throttle import AuthThrottle
+from mailroom.tls import server_context
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_NAMES = ("imap", "imaps")
+
+
+class _Hangup(asyncio.Protocol):
+    """For imaps without a certificate: nothing can be said, so close at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+def session_factory(
+    settings: Settings, accounts: Accounts, throttle: AuthThrottle, starttls: bool
+) -> Callable[[str, bool], SessionConfig]:
+    """A function making the SessionConfig of one connection from the client's address."""
+
+    def open_store(user: User) -> MailStore:
+        maildir = Maildir.for_address(settings.mail_root, user.address, settings.hostname)
+        return MailStore(maildir, quota_bytes=user.quota_bytes)
+
+    def make(peer: str, implicit_tls: bool) -> SessionConfig:
+        def authenticate(username: str, password: str) -> User | None:
+            if throttle.locked_out(peer):
+                log.warning(
+                    "login refused for %s: too many failures", peer, extra={"CLIENT_ADDR": peer}
+                )
+                return None
+            user = accounts.verify_password(username, password)
+            if user is None:
+                delay = throttle.failed(peer)
+                log.info(
+                    "login failed for %r from %s", username[:64], peer, extra={"CLIENT_ADDR": peer}
+                )
+                time.sleep(delay)
+                return None
+            throttle.succeeded(peer)
+            log.info("login %s from %s", user.address, peer, extra={"CLIENT_ADDR": peer})
+            return user
+
+        return SessionConfig(
+            hostname=settings.hostname,
+            implicit_tls=implicit_tls,
+            starttls_available=starttls and not implicit_tls,
+            authenticate=authenticate,
+            open_store=open_store,
+            max_literal=settings.message_size_limit,
+            preauth_timeout=settings.imap.preauth_timeout_seconds,
+            autologout=settings.imap.autologout_seconds,
+        )
+
+    return make
+
+
+async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> None:
+    loop = asyncio.get_running_loop()
+    tls = server_context(settings.tls_cert, settings.tls_key)
+    executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="imap")
+    watcher = Watcher()
+
+    def on_inotify() -> None:
+        for connection in watcher.read():
+            assert isinstance(connection, IMAPConnection)
+            connection.changed()
+
+    loop.add_reader(watcher.fd, on_inotify)
+    make = session_factory(settings, accounts, AuthThrottle(), starttls=tls is not None)
+    busy = b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
+
+    def connection(implicit_tls: bool) -> IMAPConnection:
+        return IMAPConnection(
+            lambda peer: IMAPSession(make(peer, implicit_tls)),
+            starttls=tls,
+            executor=executor,
+            watcher=watcher,
+        )
+
+    endpoints = {"imap": Endpoint(lambda: connection(False), busy)}
+    if tls is not None:
+        endpoints["imaps"] = Endpoint(lambda: connection(True), busy, tls=tls)
+    else:
+        log.error(
+            "imaps: no TLS certificate at %s; connections on 993 are closed", settings.tls_cert
+        )
+        endpoints["imaps"] = Endpoint(_Hangup, busy)
+    try:
+        await serve(
+            endpoints,
+            sockets,
+            limits=Limits(settings.imap.max_connections, settings.imap.max_connections_per_ip),
+            idle_exit_seconds=settings.idle_exit_seconds,
+            shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        )
+    finally:
+        loop.remove_reader(watcher.fd)
+        watcher.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def main() -> int:
+    """Entry point of ``mailroom-imapd``."""
+    return run("mailroom-imapd", _serve)
