@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import imaplib
 import os
 import re
 import signal
 import smtplib
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -41,6 +43,12 @@ def test_bin_dev_runs_and_delivers(tmp_path: Path) -> None:
         new = tmp_path / "dev" / "data" / "mail" / "example.test" / "demo" / "new"
         [message] = list(new.iterdir())
         assert message.read_bytes().endswith(b"Subject: dev\n\nhi\n")
+        context = ssl.create_default_context(
+            cafile=str(tmp_path / "dev" / "data" / "tls" / "fullchain.pem")
+        )
+        with imaplib.IMAP4_SSL("127.0.0.1", 2993 + offset, ssl_context=context) as client:
+            client.login("demo@example.test", password)
+            assert client.select("INBOX") == ("OK", [b"1"])
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
         proc.wait(30)
