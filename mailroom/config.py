@@ -57,6 +57,7 @@ class IMAPSettings(_Section):
 
     max_connections: int = Field(default=200, ge=1)
     max_connections_per_ip: int = Field(default=20, ge=1)
+    max_connections_per_user: int = Field(default=20, ge=1)
     preauth_timeout_seconds: float = Field(default=60, ge=10)
     # RFC 9051 5.4: the autologout timer is at least 30 minutes.
     autologout_seconds: float = Field(default=30 * 60, ge=30 * 60)

@@ -9,6 +9,7 @@ Every error mailroom raises on purpose is a ``MailroomError``; anything else is 
     │   ├── NotFoundError         the domain, user or alias does not exist
     │   └── ExistsError           the domain, user or alias already exists
     ├── ActivationError           no usable sockets were passed by systemd (or bin/dev)
+    ├── ConnectionLimitError      a user already has as many sessions as allowed (IMAP [LIMIT])
     ├── UnknownTransferEncodingError  a body part's Content-Transfer-Encoding cannot be decoded
     │                             (IMAP answers NO [UNKNOWN-CTE], RFC 9051 7.5.2)
     ├── DeliveryError             a message could not be stored; ``permanent`` says whether
@@ -63,6 +64,10 @@ class ActivationError(MailroomError):
 
 class UnknownTransferEncodingError(MailroomError):
     """A body part's Content-Transfer-Encoding is not one mailroom can decode (BINARY fetch)."""
+
+
+class ConnectionLimitError(MailroomError):
+    """A user already has as many open sessions as the configuration allows."""
 
 
 class DeliveryError(MailroomError):

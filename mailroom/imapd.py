@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from mailroom.accounts import Accounts, User
 from mailroom.activation import Endpoint, Limits, serve
 from mailroom.config import Settings
+from mailroom.errors import ConnectionLimitError
 from mailroom.imap.server import IMAPConnection
 from mailroom.imap.session import IMAPSession, SessionConfig
 from mailroom.inotify import Watcher
@@ -29,6 +32,46 @@ log = logging.getLogger(__name__)
 ENDPOINT_NAMES = ("imap", "imaps")
 
 
+class UserSessions:
+    """How many logged-in sessions each user has in this process, against a limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def claim(self, user: str) -> None:
+        with self.lock:
+            if self.open[user] >= self.limit:
+                raise ConnectionLimitError(f"{user} already has {self.limit} sessions open")
+            self.open[user] += 1
+
+    def release(self, user: str) -> None:
+        with self.lock:
+            self.open[user] -= 1
+            if self.open[user] <= 0:
+                del self.open[user]
+
+
+class CountedStore(MailStore):
+    """A MailStore that tells UserSessions when its session ends."""
+
+    def __init__(
+        self, maildir: Maildir, *, user: str, quota_bytes: int, on_close: Callable[[str], None]
+    ) -> None:
+        super().__init__(maildir, quota_bytes=quota_bytes)
+        self._user = user
+        self._on_close: Callable[[str], None] | None = on_close
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._on_close is not None:
+                self._on_close(self._user)
+                self._on_close = None
+
+
 class _Hangup(asyncio.Protocol):
     """For imaps without a certificate: nothing can be said, so close at once."""
 
@@ -41,9 +84,21 @@ def session_factory(
 ) -> Callable[[str, bool], SessionConfig]:
     """A function making the SessionConfig of one connection from the client's address."""
 
+    sessions = UserSessions(settings.imap.max_connections_per_user)
+
     def open_store(user: User) -> MailStore:
         maildir = Maildir.for_address(settings.mail_root, user.address, settings.hostname)
-        return MailStore(maildir, quota_bytes=user.quota_bytes)
+        sessions.claim(str(user.address))
+        try:
+            return CountedStore(
+                maildir,
+                user=str(user.address),
+                quota_bytes=user.quota_bytes,
+                on_close=sessions.release,
+            )
+        except BaseException:
+            sessions.release(str(user.address))
+            raise
 
     def make(peer: str, implicit_tls: bool) -> SessionConfig:
         def authenticate(username: str, password: str) -> User | None:

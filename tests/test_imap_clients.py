@@ -263,3 +263,28 @@ def test_mutt_reads_and_flags(
         )  # message 1 read (\Seen) and flagged; message 2 untouched
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_sessions_per_user_are_limited(mail_env: MailEnv, certificate: Certificate) -> None:
+    with open(mail_env.config, "a") as f:
+        f.write("[imap]\nmax_connections_per_user = 2\n")
+    server = Server(mail_env, "mailroom-imapd", ("imap", "imaps"))
+    context = tls_context(certificate)
+    try:
+        clients = [
+            imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=context)
+            for _ in range(3)
+        ]
+        for client in clients[:2]:
+            client.login(ALICE, PASSWORD)
+        with pytest.raises(imaplib.IMAP4.error, match="LIMIT"):
+            clients[2].login(ALICE, PASSWORD)
+        clients[2].login("bob@example.test", PASSWORD)  # the limit is per user
+        clients[0].logout()
+        time.sleep(0.3)
+        again = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=context)
+        again.login(ALICE, PASSWORD)
+        for client in (clients[1], clients[2], again):
+            client.logout()
+    finally:
+        server.stop()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from mailroom.errors import (
+    ConnectionLimitError,
     InvalidFlagError,
     InvalidMailboxNameError,
     KeywordLimitError,
@@ -1774,6 +1775,7 @@ _ERRORS: tuple[tuple[type[MailroomError], str, str | None], ...] = (
     (SpecialUseError, "NO", "USEATTR"),
     (QuotaExceededError, "NO", "OVERQUOTA"),
     (StoreError, "NO", "CANNOT"),
+    (ConnectionLimitError, "NO", "LIMIT"),
     (MailroomError, "NO", None),
 )
 
