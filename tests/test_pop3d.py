@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import imaplib
 import os
 import poplib
 import random
@@ -525,3 +526,60 @@ def test_kill_during_update_loses_nothing_kept_and_leaves_no_ghost(
         assert inbox(mail_env) == {}
     print(f"UPDATE of 800 took {update_seconds:.3f} s; {partial} of 5 kills landed inside it")
     assert partial >= 1, f"no kill landed inside the UPDATE (it takes {update_seconds:.3f} s)"
+
+
+def test_pop3_imap_and_delivery_on_one_mailbox(mail_env: MailEnv, certificate: Certificate) -> None:
+    """A POP3 session, an IMAP session and deliveries at once: each sees what the RFCs promise."""
+    pop = Server(mail_env, "mailroom-pop3d", ("pop3", "pop3s"))
+    imap = Server(mail_env, "mailroom-imapd", ("imap", "imaps"))
+    try:
+        first = [message(i) for i in range(30)]
+        for data in first:
+            deliver(mail_env, ALICE, data)
+        client = pop3s(pop, certificate)  # the snapshot: 30 messages
+        assert client.stat()[0] == 30
+        stop = threading.Event()
+        later: list[bytes] = []
+
+        def keep_delivering() -> None:
+            while not stop.is_set() and len(later) < 20:
+                later.append(message(5000 + len(later)))
+                deliver(mail_env, ALICE, later[-1])
+                time.sleep(0.01)
+
+        thread = threading.Thread(target=keep_delivering)
+        thread.start()
+        with imaplib.IMAP4_SSL(
+            "127.0.0.1", imap.ports["imaps"], ssl_context=tls_context(certificate)
+        ) as other:
+            other.login(ALICE, PASSWORD)
+            other.select("INBOX")
+            other.store("1:5", "+FLAGS", "(\\Seen)")
+            other.store("6", "+FLAGS", "(\\Deleted)")
+            other.expunge()  # message 6 is gone before POP3 reads it
+            other.store("7", "+FLAGS", "(\\Deleted)")  # IMAP's own mark, on what was number 8
+            got = {}
+            for n in range(1, 31):
+                try:
+                    got[n] = retr(client, n)
+                except poplib.error_proto as err:
+                    assert n == 6 and b"removed by another client" in err.args[0]
+                other.noop()
+            assert got == {n: first[n - 1] for n in range(1, 31) if n != 6}
+            for n in range(1, 31):
+                if n != 8:  # number 8 keeps the \Deleted an IMAP client gave it
+                    client.dele(n)
+            assert client.quit() == f"+OK {HOSTNAME} signing off (29 messages deleted)".encode()
+            thread.join()
+            other.noop()
+            typ, found = other.search(None, "ALL")
+            ids = found[0]
+            assert typ == "OK" and isinstance(ids, bytes) and len(ids.split()) == 1 + len(later)
+        stop.set()
+        remaining = inbox(mail_env)
+        assert sorted(remaining.values()) == sorted([first[7], *later])
+        flagged = [p for p in (mail_env.mailbox(ALICE) / "cur").iterdir() if p.name.endswith("T")]
+        assert [p.read_bytes().replace(b"\n", b"\r\n") for p in flagged] == [first[7]]
+    finally:
+        pop.stop()
+        imap.stop()
