@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import imaplib
 import os
+import poplib
 import re
 import signal
 import smtplib
@@ -49,6 +50,11 @@ def test_bin_dev_runs_and_delivers(tmp_path: Path) -> None:
         with imaplib.IMAP4_SSL("127.0.0.1", 2993 + offset, ssl_context=context) as client:
             client.login("demo@example.test", password)
             assert client.select("INBOX") == ("OK", [b"1"])
+        pop = poplib.POP3_SSL("127.0.0.1", 2995 + offset, context=context)
+        pop.user("demo@example.test")
+        pop.pass_(password)
+        assert pop.stat()[0] == 1
+        pop.quit()
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
         proc.wait(30)
