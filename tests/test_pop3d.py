@@ -583,3 +583,23 @@ def test_pop3_imap_and_delivery_on_one_mailbox(mail_env: MailEnv, certificate: C
     finally:
         pop.stop()
         imap.stop()
+
+
+def test_without_a_certificate(mail_env: MailEnv) -> None:
+    """No TLS yet: 110 offers no STLS and takes no password; 995 hangs up at once."""
+    text = mail_env.config.read_text()
+    mail_env.config.write_text(text.split("[tls]")[0])
+    server = Server(mail_env, "mailroom-pop3d", ("pop3", "pop3s"))
+    try:
+        client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+        assert "STLS" not in client.capa()
+        with pytest.raises(poplib.error_proto, match="TLS is not available"):
+            client._shortcmd("STLS")  # type: ignore[attr-defined]
+        with pytest.raises(poplib.error_proto, match="requires TLS"):
+            client.user(ALICE)
+        client.quit()
+        sock = socket.create_connection(("127.0.0.1", server.ports["pop3s"]), timeout=30)
+        assert sock.recv(100) == b""
+        sock.close()
+    finally:
+        server.stop()
