@@ -49,7 +49,10 @@ What it promises
   the next sync finishes the job: an expunged message never comes back under a new UID.
 * ``sync`` with nothing new lists ``new/`` and ``cur/`` and compares the names with the index
   (cached in memory while SQLite's ``data_version`` says no other process wrote): no message
-  file is opened or stat'ed. New files are stat'ed (their mtime is the internal date) but
+  file is opened or stat'ed. The listing itself is skipped while the mtimes of ``new/`` and
+  ``cur/`` are those seen before a listing begun more than a second after them. When another
+  process wrote the index, only the rows with a MODSEQ above the cached HIGHESTMODSEQ and the
+  tombstones since are read. New files are stat'ed (their mtime is the internal date) but
   never read when their names carry the Maildir++ ``W=`` size.
 
 Instances are safe to use from several threads; they are not meant to be shared across a fork.
@@ -58,6 +61,7 @@ Instances are safe to use from several threads; they are not meant to be shared 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -107,6 +111,7 @@ LOCK_TIMEOUT = 30.0
 MAX_NAME = 255
 MAX_KEYWORDS = 26  # Dovecot's letters a-z
 MAX_KEYWORD_LENGTH = 100
+DIR_MTIME_SLACK_NS = 1_000_000_000  # see MailStore.sync: mtimes are trusted this long after
 MAX_TOMBSTONES = 10_000  # per mailbox; older expunges are then reported as "anything missing"
 
 # Dovecot's maildir flag letters (maildir-util.c); "P" (passed) has no IMAP flag and is kept.
@@ -735,6 +740,7 @@ def _guarded(method: Callable[P, R]) -> Callable[P, R]:
                         raise StoreError(f"mail index {self._index.path}: {err}") from None
                     log.warning("%s: %s; rebuilding the index", self._index.path, err)
                     self._cache.clear()
+                    self._base.clear()
                     self._index.recover()
                 finally:
                     self._depth = 0
@@ -813,6 +819,11 @@ class _Cached:
     filenames: frozenset[str]
     snapshot: Snapshot
     files: dict[int, str]  # uid -> name in cur/
+    box_id: int = 0
+    # (mtime_ns of new/, of cur/) stat'ed just before a listing that matched ``filenames``,
+    # and when that listing began (time.time_ns()); None until a listing confirmed it.
+    dirs: tuple[int, int] | None = None
+    listed_at: int = 0
 
 
 @dataclass
@@ -837,6 +848,18 @@ def _listdir(path: Path) -> list[str]:
         return [name for name in os.listdir(path) if not name.startswith(".")]
     except FileNotFoundError:
         return []
+
+
+def _dir_stamp(folder: _Folder) -> tuple[int, int] | None:
+    """The mtimes (ns) of the folder's new/ and cur/, or None if one is missing."""
+    try:
+        return os.stat(folder.new).st_mtime_ns, os.stat(folder.cur).st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _replace(cached: _Cached, **changes: object) -> _Cached:
+    return dataclasses.replace(cached, **changes)  # type: ignore[arg-type]
 
 
 def _by_key(names: Iterable[str]) -> dict[str, str]:
@@ -887,7 +910,7 @@ class MailStore:
         self._lock = threading.RLock()
         self._depth = 0
         self._cache: dict[str, _Cached] = {}
-        self._last: dict[str, tuple[int, dict[int, MessageInfo]]] = {}  # for _load to reuse
+        self._base: dict[str, _Cached] = {}  # the last load of each mailbox, for _load to reuse
         self._keywords: dict[Path, Keywords] = {}
         try:
             maildir.create()
@@ -899,6 +922,7 @@ class MailStore:
         with self._lock:
             self._index.close()
             self._cache.clear()
+            self._base.clear()
 
     def __enter__(self) -> MailStore:
         return self
@@ -1204,37 +1228,95 @@ class MailStore:
         order), flags changed by others (MODSEQ bumped), files removed by others expunged."""
         folder = self._existing(name)
         data_version = self._index.data_version()
-        new = _listdir(folder.new)
-        cur = set(_listdir(folder.cur))
+        dirs = _dir_stamp(folder)
         cached = self._cache.get(folder.name)
-        if (
+        valid = (
             cached is not None
             and cached.inode == self._index.inode
             and cached.data_version == data_version
-            and not new
-            and cur == cached.filenames
+        )
+        # No listing when neither directory changed since a listing that matched the index.
+        # Directory mtimes have a granularity (a clock tick, a second on some file systems):
+        # a change in the same tick as an earlier one leaves the mtime as it was. So the
+        # mtimes are trusted only for a listing begun more than DIR_MTIME_SLACK after them,
+        # when any later change must give the directory a different mtime.
+        if (
+            valid
+            and cached is not None
+            and dirs is not None
+            and cached.dirs == dirs
+            and cached.listed_at - max(dirs) > DIR_MTIME_SLACK_NS
         ):
             return cached.snapshot
+        listed_at = time.time_ns()
+        new = _listdir(folder.new)
+        cur = set(_listdir(folder.cur))
+        if valid and cached is not None and not new and cur == cached.filenames:
+            self._cache[folder.name] = _replace(cached, dirs=dirs, listed_at=listed_at)
+            return cached.snapshot
         if not new:  # perhaps only the index changed (another process synced first)
-            loaded = self._load(folder.name)
+            loaded = self._load(folder.name, incremental=True)
+            if loaded is not None and cur != loaded.filenames:
+                # A row whose file was renamed without a flag change keeps its MODSEQ, so
+                # only a full load can tell.
+                loaded = self._load(folder.name)
             if loaded is not None and cur == loaded.filenames:
-                self._cache[folder.name] = loaded
+                self._cache[folder.name] = _replace(loaded, dirs=dirs, listed_at=listed_at)
                 return loaded.snapshot
         with self._index.write() as db:
             self._sync_locked(db, folder)
-        loaded = self._load(folder.name)
+        loaded = self._load(folder.name, incremental=True)
         if loaded is None:  # pragma: no cover - the row was written just above
             raise StoreError(f"mailbox {folder.name} vanished from the index")
         self._cache[folder.name] = loaded
         return loaded.snapshot
 
-    def _load(self, name: str) -> _Cached | None:
-        """The mailbox as the index has it; None if unknown or an expunge is unfinished."""
+    def _load(self, name: str, *, incremental: bool = False) -> _Cached | None:
+        """The mailbox as the index has it; None if unknown or an expunge is unfinished.
+
+        With ``incremental``, and the last load of this mailbox still comparable (same index
+        file, mailbox row and UIDVALIDITY, no tombstone dropped since), only the rows changed
+        after its HIGHESTMODSEQ and the tombstones since are read: every flag change and every
+        arrival gets a new MODSEQ, every expunge a tombstone with one.
+        """
+        base = self._base.get(name)
         with self._index.read() as db:
             data_version = self._index.data_version()
             box = self._box(db, name)
             if box is None:
                 return None
+            if (
+                incremental
+                and base is not None
+                and base.inode == self._index.inode
+                and base.box_id == box.id
+                and base.snapshot.uidvalidity == box.uidvalidity
+                and box.vanished_floor <= base.snapshot.highestmodseq
+                and box.highestmodseq >= base.snapshot.highestmodseq
+            ):
+                since = base.snapshot.highestmodseq
+                changed = db.execute(
+                    f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? AND modseq > ?"
+                    " ORDER BY uid",
+                    (box.id, since),
+                ).fetchall()
+                gone = {
+                    uid
+                    for (uid,) in db.execute(
+                        "SELECT uid FROM expunged WHERE mailbox = ? AND modseq > ?",
+                        (box.id, since),
+                    )
+                }
+                if gone:
+                    # A tombstone beside its row is an expunge still under way.
+                    (pending,) = db.execute(
+                        "SELECT count(*) FROM expunged JOIN messages USING (mailbox, uid)"
+                        " WHERE mailbox = ? AND expunged.modseq > ?",
+                        (box.id, since),
+                    ).fetchone()
+                    if pending:
+                        return None
+                return self._apply_changes(base, box, data_version, changed, gone)
             rows = db.execute(
                 f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? ORDER BY uid",
                 (box.id,),
@@ -1243,9 +1325,9 @@ class MailStore:
         files: dict[int, str] = {}
         # Within one UIDVALIDITY a UID's key, size and date never change: a message whose
         # MODSEQ is the same as last time is the same MessageInfo.
-        last_uidvalidity, last = self._last.get(name, (0, {}))
-        if last_uidvalidity != box.uidvalidity:
-            last = {}
+        last: dict[int, MessageInfo] = {}
+        if base is not None and base.snapshot.uidvalidity == box.uidvalidity:
+            last = {m.uid: m for m in base.snapshot.messages}
         for uid, key, filename, flags, modseq, size, date, _, expunging in rows:
             if expunging:
                 return None
@@ -1261,9 +1343,63 @@ class MailStore:
                 )
             messages.append(info)
             files[uid] = filename
-        self._last[name] = (box.uidvalidity, {m.uid: m for m in messages})
         snapshot = Snapshot(name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages))
-        return _Cached(self._index.inode, data_version, frozenset(files.values()), snapshot, files)
+        loaded = _Cached(
+            self._index.inode, data_version, frozenset(files.values()), snapshot, files, box.id
+        )
+        self._base[name] = loaded
+        return loaded
+
+    def _apply_changes(
+        self,
+        base: _Cached,
+        box: _Box,
+        data_version: int,
+        changed: list[_RowTuple],
+        gone: set[int],
+    ) -> _Cached | None:
+        """``base`` with the rows changed since it and the UIDs expunged since it applied."""
+        old = base.snapshot
+        unchanged = box.uidnext == old.uidnext and box.highestmodseq == old.highestmodseq
+        if not changed and not gone and unchanged:
+            loaded = _replace(base, data_version=data_version)  # the very same snapshot
+            self._base[old.name] = loaded
+            return loaded
+        updates: dict[int, tuple[MessageInfo, str]] = {}
+        for uid, key, filename, flags, modseq, size, date, _, expunging in changed:
+            if expunging:
+                return None
+            info = MessageInfo(
+                uid, frozenset(flags.split()), modseq, size, datetime.fromtimestamp(date, UTC), key
+            )
+            updates[uid] = (info, filename)
+        files = dict(base.files)
+        messages: list[MessageInfo] = []
+        for m in old.messages:
+            if m.uid in gone:
+                files.pop(m.uid, None)
+                continue
+            update = updates.pop(m.uid, None)
+            if update is None:
+                messages.append(m)
+            else:
+                messages.append(update[0])
+                files[m.uid] = update[1]
+        if updates:  # arrivals: UIDs above all the others, unless a rebuild gave old ones
+            last_uid = messages[-1].uid if messages else 0
+            for uid, (info, filename) in sorted(updates.items()):
+                messages.append(info)
+                files[uid] = filename
+            if sorted(updates)[0] <= last_uid:
+                messages.sort(key=lambda m: m.uid)
+        snapshot = Snapshot(
+            old.name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages)
+        )
+        loaded = _Cached(
+            self._index.inode, data_version, frozenset(files.values()), snapshot, files, box.id
+        )
+        self._base[old.name] = loaded
+        return loaded
 
     @staticmethod
     def _box(db: sqlite3.Connection, name: str) -> _Box | None:
@@ -2055,6 +2191,7 @@ class MailStore:
                 )
             db.execute("DELETE FROM mailboxes")
             self._cache.clear()
+            self._base.clear()
             count = 0
             for name, path in self._folders().items():
                 folder = _Folder(name, path)

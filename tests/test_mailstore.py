@@ -513,6 +513,75 @@ def test_another_store_sees_changes_through_the_index(maildir: Maildir) -> None:
         assert two.sync("INBOX").highestmodseq > cached.highestmodseq
 
 
+def _age_dirs(root: Path, seconds: float) -> tuple[int, int]:
+    """Set the mtimes of new/ and cur/ ``seconds`` back; returns the new (new, cur) mtimes."""
+    stamps = []
+    for sub in ("new", "cur"):
+        then = time.time_ns() - int(seconds * 1e9)
+        os.utime(root / sub, ns=(then, then))
+        stamps.append(then)
+    return stamps[0], stamps[1]
+
+
+def test_a_change_in_the_same_mtime_tick_as_the_listing_is_seen(
+    store: MailStore, maildir: Maildir
+) -> None:
+    """The directory mtimes alone cannot tell a change made in the same tick as the listing."""
+    maildir.deliver(message(1))
+    maildir.deliver(message(2))
+    store.sync("INBOX")
+    cur = maildir.root / "cur"
+    before = os.stat(cur).st_mtime_ns
+    (first,) = [
+        n for n in cur_names(maildir.root) if n.startswith(store.sync("INBOX").messages[0].key)
+    ]
+    os.rename(cur / first, cur / f"{first.partition(':')[0]}:2,S")  # mutt, in the same tick
+    os.utime(cur, ns=(before, before))
+    assert store.sync("INBOX").messages[0].flags == {"\\Seen"}
+
+
+def test_a_change_after_an_old_listing_is_seen(store: MailStore, maildir: Maildir) -> None:
+    """With directories unchanged for a while the listing is skipped, and then a change is
+    still seen: it gives the directory a new mtime."""
+    maildir.deliver(message(1))
+    maildir.deliver(message(2))
+    store.sync("INBOX")
+    _age_dirs(maildir.root, 10)
+    first = store.sync("INBOX")
+    assert store.sync("INBOX") is first  # nothing changed: the very same snapshot
+    (name,) = [n for n in cur_names(maildir.root) if n.startswith(first.messages[0].key)]
+    os.rename(maildir.root / "cur" / name, maildir.root / "cur" / f"{first.messages[0].key}:2,F")
+    assert store.sync("INBOX").messages[0].flags == {"\\Flagged"}
+    maildir.deliver(message(3))
+    assert [m.uid for m in store.sync("INBOX").messages] == [1, 2, 3]
+    os.unlink(store.path("INBOX", 2))
+    assert [m.uid for m in store.sync("INBOX").messages] == [1, 3]
+
+
+def test_another_store_changes_are_loaded_incrementally_and_exactly(maildir: Maildir) -> None:
+    """Flag changes, expunges and arrivals by another process, read as rows changed since the
+    last HIGHESTMODSEQ plus tombstones, give what a full load gives."""
+    for n in range(1, 6):
+        maildir.deliver(message(n))
+    with MailStore(maildir) as one, MailStore(maildir) as two:
+        one.sync("INBOX")
+        _age_dirs(maildir.root, 10)
+        cached = two.sync("INBOX")
+        one.claim_recent("INBOX")  # the index changed, the messages did not
+        assert two.sync("INBOX") is cached
+        one.store("INBOX", [2, 4], "+", ["\\Seen", "$Work"])
+        one.store("INBOX", [3], "+", ["\\Deleted"])
+        one.expunge("INBOX")
+        one.append("INBOX", message(6), ["\\Flagged"])
+        seen = two.sync("INBOX")
+        with MailStore(maildir) as fresh:
+            assert seen == fresh.sync("INBOX")
+        assert [m.uid for m in seen.messages] == [1, 2, 4, 5, 6]
+        assert seen.messages[1].flags == {"\\Seen", "$Work"}
+        assert seen.highestmodseq > cached.highestmodseq
+        assert two.read("INBOX", 6).endswith(b"body 6\r\n")
+
+
 # --- APPEND, COPY, MOVE ---------------------------------------------------------------------
 
 
