@@ -268,6 +268,7 @@ class Mailbox:
     uidnext: int = 1
     gone: set[int] = field(default_factory=set)  # expunged, not yet reported
     keywords: set[str] = field(default_factory=set)  # announced in FLAGS
+    snapshot: Snapshot | None = None  # the store's snapshot the client was last brought to
 
     def seq(self, uid: int) -> int:
         i = bisect.bisect_left(self.uids, uid)
@@ -586,9 +587,19 @@ class IMAPSession:
             self._set_state(State.LOGOUT)
             self.action = "close"
             return b"* BYE [UNAVAILABLE] Mailbox UIDVALIDITY changed; please reconnect\r\n"
-        out = bytearray(self._new_keywords(box, snap.messages))
-        current = {m.uid: m for m in snap.messages}
-        box.gone.update(u for u in box.uids if u not in current)
+        prev = box.snapshot
+        if snap is prev and not (box.gone and expunge):
+            return b""  # the store saw no change since the last time
+        box.snapshot = snap
+        # Every flag change and every arrival gets a MODSEQ above the last snapshot's
+        # HIGHESTMODSEQ (RFC 7162 3.1.1): only those messages need a look.
+        floor = prev.highestmodseq if prev is not None else -1
+        changed = [m for m in snap.messages if m.modseq > floor]
+        out = bytearray(self._new_keywords(box, changed))
+        new = [m for m in changed if m.uid not in box.infos]
+        if len(snap.messages) - len(new) != len(box.uids) - len(box.gone):
+            present = {m.uid for m in snap.messages}
+            box.gone.update(u for u in box.uids if u not in present)
         if box.gone and expunge:
             gone = sorted(box.gone)
             if self.qresync:
@@ -603,19 +614,17 @@ class IMAPSession:
                 box.recent.discard(uid)
             box.uids = keep
             box.gone.clear()
-        known = set(box.uids)
-        new = [m.uid for m in snap.messages if m.uid not in known]
-        for uid, info in current.items():
-            old = box.infos.get(uid)
+        for info in changed:
+            old = box.infos.get(info.uid)
             if old is None:
                 continue
             if old.flags != info.flags or (self.condstore and old.modseq != info.modseq):
-                out += self._fetch_flags(box, uid, info)
-            box.infos[uid] = info
+                out += self._fetch_flags(box, info.uid, info)
+            box.infos[info.uid] = info
         if new:
-            box.uids.extend(new)
-            for uid in new:
-                box.infos[uid] = current[uid]
+            box.uids.extend(m.uid for m in new)
+            for info in new:
+                box.infos[info.uid] = info
             out += b"* %d EXISTS\r\n" % len(box.uids)
             if not box.readonly:
                 box.recent |= set(self.store.claim_recent(box.name))
@@ -896,6 +905,7 @@ class IMAPSession:
             infos={m.uid: m for m in snap.messages},
             highestmodseq=snap.highestmodseq,
             uidnext=snap.uidnext,
+            snapshot=snap,
         )
         if not readonly:
             box.recent = set(store.claim_recent(name))
