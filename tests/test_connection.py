@@ -25,6 +25,7 @@ class EchoSession:
         self.timeout = timeout
         self.feed_delay = feed_delay
         self.events: list[str] = []
+        self.threads: list[threading.Thread] = []
         self.gate = threading.Event()
         self.gate.set()
 
@@ -33,6 +34,7 @@ class EchoSession:
 
     def feed(self, data: bytes) -> Out:
         self.events.append("feed")
+        self.threads.append(threading.current_thread())
         self.gate.wait()
         time.sleep(self.feed_delay)
         if data.startswith(b"boom"):
@@ -51,12 +53,19 @@ class EchoSession:
         self.events.append("close")
 
 
-async def _serve(session: EchoSession) -> tuple[asyncio.Server, list[SessionConnection], int]:
+class QuickConnection(SessionConnection):
+    def inline(self, data: bytes) -> bool:
+        return data.startswith(b"quick")
+
+
+async def _serve(
+    session: EchoSession, kind: type[SessionConnection] = SessionConnection
+) -> tuple[asyncio.Server, list[SessionConnection], int]:
     executor = ThreadPoolExecutor(2)
     made: list[SessionConnection] = []
 
     def factory() -> SessionConnection:
-        conn = SessionConnection(
+        conn = kind(
             lambda peer: session, starttls=None, executor=executor, crash_reply=b"crashed\r\n"
         )
         made.append(conn)
@@ -161,6 +170,23 @@ def test_input_is_bounded_while_the_session_is_busy() -> None:
         session.gate.set()
         writer.close()
         await _until(lambda: "close" in session.events, timeout=30)
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_feeds_run_in_a_worker_unless_inline_says_quick() -> None:
+    async def main() -> None:
+        session = EchoSession()
+        server, _, port = await _serve(session, QuickConnection)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readline()
+        for line in (b"slow\r\n", b"quick\r\n"):
+            writer.write(line)
+            assert await reader.readline() == b"got:" + line
+        loop_thread = threading.current_thread()
+        assert session.threads[0] is not loop_thread and session.threads[1] is loop_thread
+        writer.close()
         server.close()
 
     asyncio.run(main())

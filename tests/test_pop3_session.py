@@ -694,3 +694,26 @@ def test_bad_message_numbers(arg: bytes) -> None:
     out = logged_in().feed(b"RETR " + arg + b"\r\n")
     assert out.data.startswith(b"-ERR ") and out.data.endswith(b"\r\n")
     assert out.data.count(b"\r\n") == 1
+
+
+# -- what may run on the server's event loop ------------------------------------------------------
+
+
+def test_quick_only_for_reading_commands_after_login() -> None:
+    s = session()
+    assert not s.quick(b"CAPA\r\n")  # AUTHORIZATION: USER/PASS/AUTH hash passwords
+    s.feed(f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
+    for line in (b"STAT", b"LIST", b"UIDL 1", b"RETR 1", b"TOP 1 0", b"DELE 1", b"NOOP", b"RSET"):
+        assert s.quick(line + b"\r\n"), line
+    assert s.quick(b"RETR 1\r\nRETR 2\r\nRE")  # an unfinished line is only buffered
+    assert not s.quick(b"QUIT\r\n")  # UPDATE removes messages: fsyncs
+    assert not s.quick(b"RETR 1\r\nQUIT\r\n")
+    assert not s.quick(b"RETR 1 " + b"x" * MAX_LINE + b"\r\n")
+    s.feed(b"RE")
+    assert not s.quick(b"\r\nQUIT\r\n") and s.quick(b"TR 1\r\n")  # buffered bytes count
+
+
+def test_quick_never_after_close() -> None:
+    s = session()
+    s.feed(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nQUIT\r\n".encode())
+    assert s.state is State.CLOSED and not s.quick(b"STAT\r\n")

@@ -39,6 +39,14 @@ def is_loopback(peer: str) -> bool:
     return address.is_loopback
 
 
+class POP3Connection(SessionConnection):
+    """A connection whose reading commands (RETR, LIST, ...) run on the loop: ``quick``."""
+
+    def inline(self, data: bytes) -> bool:
+        session = self.session
+        return isinstance(session, POP3Session) and session.quick(data)
+
+
 def session_factory(
     settings: Settings,
     accounts: Accounts,
@@ -87,8 +95,8 @@ def endpoints(
             starttls=tls is not None,
         )
 
-        def connection() -> SessionConnection:
-            return SessionConnection(
+        def connection() -> POP3Connection:
+            return POP3Connection(
                 make, starttls=tls, executor=executor, name="POP3", crash_reply=CRASH
             )
 
