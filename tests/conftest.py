@@ -116,7 +116,9 @@ def mail_env(tmp_path: Path, certificate: Certificate) -> MailEnv:
 class Server:
     """A mailroom program behind mailroom's own activator, on free ports (one per fd name)."""
 
-    def __init__(self, env: MailEnv, program: str = "mailroom-smtpd", names: tuple[str, ...] = ("smtp",)) -> None:
+    def __init__(
+        self, env: MailEnv, program: str = "mailroom-smtpd", names: tuple[str, ...] = ("smtp",)
+    ) -> None:
         self.ports = {name: free_port() for name in names}
         self.port = self.ports[names[0]]
         self.log_path = env.root / f"activator-{program}.log"
