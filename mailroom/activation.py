@@ -112,6 +112,13 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
+class Hangup(asyncio.Protocol):
+    """For an implicit-TLS port without a certificate: nothing can be said, so close at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
 class ConnectionTracker:
     """Counts open connections per client address and tells when the process is idle."""
 

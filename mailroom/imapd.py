@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from mailroom.accounts import Accounts, User
-from mailroom.activation import Endpoint, Limits, serve
+from mailroom.activation import Endpoint, Hangup, Limits, serve
 from mailroom.config import Settings
 from mailroom.errors import ConnectionLimitError
 from mailroom.imap.server import IMAPConnection
@@ -70,13 +70,6 @@ class CountedStore(MailStore):
             if self._on_close is not None:
                 self._on_close(self._user)
                 self._on_close = None
-
-
-class _Hangup(asyncio.Protocol):
-    """For imaps without a certificate: nothing can be said, so close at once."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
 
 
 def session_factory(
@@ -163,7 +156,7 @@ async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> No
         log.error(
             "imaps: no TLS certificate at %s; connections on 993 are closed", settings.tls_cert
         )
-        endpoints["imaps"] = Endpoint(_Hangup, busy)
+        endpoints["imaps"] = Endpoint(Hangup, busy)
     try:
         await serve(
             endpoints,

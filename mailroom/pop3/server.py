@@ -8,7 +8,6 @@ the timer are ``mailroom.connection``'s; the protocol is ``session``'s.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import ssl
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from mailroom.accounts import Accounts, User
-from mailroom.activation import Endpoint
+from mailroom.activation import Endpoint, Hangup
 from mailroom.config import Settings
 from mailroom.connection import SessionConnection
 from mailroom.pop3.session import Maildrop, POP3Session, SessionConfig
@@ -109,12 +108,5 @@ def endpoints(
         log.error(
             "pop3s: no TLS certificate at %s; connections on 995 are closed", settings.tls_cert
         )
-        result["pop3s"] = Endpoint(_Hangup, BUSY)
+        result["pop3s"] = Endpoint(Hangup, BUSY)
     return result
-
-
-class _Hangup(asyncio.Protocol):
-    """For pop3s without a certificate: nothing can be said, so close at once."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
