@@ -92,6 +92,7 @@ from mailroom.errors import (
     StoreError,
 )
 from mailroom.imap.wire import MailboxNameError, decode_mailbox, encode_mailbox
+from mailroom.listings import LISTINGS, Listings
 from mailroom.maildir import FILE_MODE, Maildir, check_quota, deliver_all
 
 log = logging.getLogger(__name__)
@@ -820,6 +821,7 @@ class _Cached:
     snapshot: Snapshot
     files: dict[int, str]  # uid -> name in cur/
     box_id: int = 0
+    cur_token: tuple[int, int] | None = None  # Listings' token of cur/ matching ``filenames``
     # (mtime_ns of new/, of cur/) stat'ed just before a listing that matched ``filenames``,
     # and when that listing began (time.time_ns()); None until a listing confirmed it.
     dirs: tuple[int, int] | None = None
@@ -897,14 +899,22 @@ class MailStore:
     """One user's mailboxes over their Maildir (see the module docstring)."""
 
     def __init__(
-        self, maildir: Maildir, *, quota_bytes: int = 0, unlink: Unlink = os.unlink
+        self,
+        maildir: Maildir,
+        *,
+        quota_bytes: int = 0,
+        unlink: Unlink = os.unlink,
+        listings: Listings = LISTINGS,
     ) -> None:
         """Open (creating if needed) the Maildir root and its index.
 
         ``unlink`` removes an expunged message file; tests inject a failure between the steps
-        of an expunge with it.
+        of an expunge with it. ``listings`` keeps the names in new/ and cur/ of the mailboxes
+        synced (the process's inotify listings).
         """
         self.maildir = maildir
+        self._listings = listings
+        self._held: set[str] = set()  # directories held in ``listings`` until close()
         self.quota_bytes = quota_bytes
         self._unlink = unlink
         self._lock = threading.RLock()
@@ -923,6 +933,9 @@ class MailStore:
             self._index.close()
             self._cache.clear()
             self._base.clear()
+            for path in self._held:
+                self._listings.release(path)
+            self._held.clear()
 
     def __enter__(self) -> MailStore:
         return self
@@ -1249,10 +1262,21 @@ class MailStore:
         ):
             return cached.snapshot
         listed_at = time.time_ns()
-        new = _listdir(folder.new)
-        cur = set(_listdir(folder.cur))
-        if valid and cached is not None and not new and cur == cached.filenames:
-            self._cache[folder.name] = _replace(cached, dirs=dirs, listed_at=listed_at)
+        for directory in (str(folder.new), str(folder.cur)):
+            if directory not in self._held:
+                self._listings.hold(directory)
+                self._held.add(directory)
+        _, new = self._listings.names(str(folder.new))
+        token, cur = self._listings.names(str(folder.cur))
+        if (
+            valid
+            and cached is not None
+            and not new
+            and ((token is not None and token == cached.cur_token) or cur == cached.filenames)
+        ):
+            self._cache[folder.name] = _replace(
+                cached, dirs=dirs, listed_at=listed_at, cur_token=token
+            )
             return cached.snapshot
         if not new:  # perhaps only the index changed (another process synced first)
             loaded = self._load(folder.name, incremental=True)
@@ -1261,7 +1285,9 @@ class MailStore:
                 # only a full load can tell.
                 loaded = self._load(folder.name)
             if loaded is not None and cur == loaded.filenames:
-                self._cache[folder.name] = _replace(loaded, dirs=dirs, listed_at=listed_at)
+                self._cache[folder.name] = _replace(
+                    loaded, dirs=dirs, listed_at=listed_at, cur_token=token
+                )
                 return loaded.snapshot
         with self._index.write() as db:
             self._sync_locked(db, folder)

@@ -5,6 +5,8 @@ Values the real store chooses (UIDVALIDITY, mod-sequences, dates) are matched wi
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -157,6 +159,42 @@ def test_two_sessions_see_each_other(store: MailStore, tmp_path: Path) -> None:
     """)
     assert one.session.watch_dirs()
     other.close()
+
+
+def test_other_programs_changes_reach_idle_and_noop_after_quiet_commands(
+    store: MailStore,
+) -> None:
+    """The fast paths (the same snapshot, no listing) never hide a change made elsewhere."""
+    conv = selected(store, 3)
+    root = store.maildir.root
+    for sub in ("new", "cur"):  # the mailbox has been quiet for a while
+        os.utime(root / sub, ns=(time.time_ns() - 10**10,) * 2)
+    for n in range(3):
+        conv.run(f"""
+            C: q{n} NOOP
+            S: q{n} OK NOOP completed
+        """)
+    first = store.sync("INBOX").messages[0]
+    (name,) = [n for n in os.listdir(root / "cur") if n.startswith(first.key)]
+    os.rename(root / "cur" / name, root / "cur" / f"{first.key}:2,F")  # mutt flags it
+    conv.run("""
+        C: a1 NOOP
+        S: * 1 FETCH (FLAGS (\\Flagged \\Recent))
+        S: a1 OK NOOP completed
+        C: a2 IDLE
+        S: + idling
+    """)
+    assert conv.session.idle_poll() == b""
+    other = MailStore(store.maildir)
+    try:
+        other.store("INBOX", [2], "+", ["\\Seen"])  # another process, through the index
+        assert conv.session.idle_poll() == b"* 2 FETCH (FLAGS (\\Seen \\Recent))\r\n"
+        store.maildir.deliver(message("Late", "by another program"))
+        assert conv.session.idle_poll() == b"* 4 EXISTS\r\n* 4 RECENT\r\n"
+        os.unlink(store.path("INBOX", first.uid))  # and another program removes it
+        assert conv.session.idle_poll() == b"* 1 EXPUNGE\r\n"
+    finally:
+        other.close()
 
 
 def test_bad_names_refused_by_session_and_store(store: MailStore) -> None:

@@ -1,0 +1,86 @@
+"""Directory listings kept by inotify: always what os.listdir says, without listing."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+from mailroom.listings import Listings
+
+
+def _listdir(path: Path) -> frozenset[str]:
+    return frozenset(n for n in os.listdir(path) if not n.startswith("."))
+
+
+def test_names_follow_creates_renames_and_unlinks(tmp_path: Path) -> None:
+    cur = tmp_path / "cur"
+    cur.mkdir()
+    (cur / "a:2,").write_bytes(b"")
+    listings = Listings()
+    listings.hold(str(cur))
+    token, names = listings.names(str(cur))
+    assert token is not None and names == {"a:2,"}
+    assert listings.names(str(cur))[0] == token  # nothing changed: the same token
+    os.rename(cur / "a:2,", cur / "a:2,S")
+    (cur / "b:2,").write_bytes(b"")
+    (cur / ".hidden").write_bytes(b"")
+    os.link(cur / "b:2,", cur / "c:2,")
+    os.unlink(cur / "b:2,")
+    later, names = listings.names(str(cur))
+    assert later != token
+    assert names == _listdir(cur) == {"a:2,S", "c:2,"}
+    listings.release(str(cur))
+    assert listings.names(str(cur)) == (None, _listdir(cur))  # no longer watched: listed
+
+
+def test_a_directory_replaced_at_the_path_is_listed_again(tmp_path: Path) -> None:
+    cur = tmp_path / "cur"
+    cur.mkdir()
+    (cur / "a").write_bytes(b"")
+    listings = Listings()
+    listings.hold(str(cur))
+    first, _ = listings.names(str(cur))
+    os.rename(cur, tmp_path / "old")
+    cur.mkdir()
+    (cur / "b").write_bytes(b"")
+    token, names = listings.names(str(cur))
+    assert names == {"b"} and token != first
+    (cur / "c").write_bytes(b"")  # and the new directory is watched
+    assert listings.names(str(cur))[1] == {"b", "c"}
+    (tmp_path / "old" / "d").write_bytes(b"")  # the old one no longer counts
+    assert listings.names(str(cur))[1] == {"b", "c"}
+
+
+def test_a_queue_overflow_lists_again(tmp_path: Path) -> None:
+    cur = tmp_path / "cur"
+    cur.mkdir()
+    listings = Listings()
+    listings.hold(str(cur))
+    listings.names(str(cur))
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    (cur / "x").write_bytes(b"")
+    for i in range(limit // 2 + 10):  # two events per rename
+        os.rename(cur / ("x" if i % 2 == 0 else "y"), cur / ("y" if i % 2 == 0 else "x"))
+    (cur / "z").write_bytes(b"")  # lost in the overflow
+    assert listings.names(str(cur))[1] == _listdir(cur)
+
+
+def _child(path: str, listings: Listings, out: multiprocessing.SimpleQueue[object]) -> None:
+    (Path(path) / "from-child").write_bytes(b"")
+    out.put(sorted(listings.names(path)[1]))
+
+
+def test_a_forked_child_never_reads_the_parents_queue(tmp_path: Path) -> None:
+    cur = tmp_path / "cur"
+    cur.mkdir()
+    listings = Listings()
+    listings.hold(str(cur))
+    listings.names(str(cur))
+    fork = multiprocessing.get_context("fork")
+    out: multiprocessing.SimpleQueue[object] = fork.SimpleQueue()
+    child = fork.Process(target=_child, args=(str(cur), listings, out))
+    child.start()
+    assert out.get() == ["from-child"]
+    child.join(10)
+    assert listings.names(str(cur))[1] == {"from-child"}  # the parent got its event
