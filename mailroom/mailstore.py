@@ -915,6 +915,7 @@ class MailStore:
         self.maildir = maildir
         self._listings = listings
         self._held: set[str] = set()  # directories held in ``listings`` until close()
+        self._named: dict[str, _Folder] = {}  # _folder() of names asked for before
         self.quota_bytes = quota_bytes
         self._unlink = unlink
         self._lock = threading.RLock()
@@ -962,9 +963,17 @@ class MailStore:
     # -- mailboxes ---------------------------------------------------------------------------
 
     def _folder(self, name: str) -> _Folder:
+        known = self._named.get(name)
+        if known is not None:
+            return _Folder(known.name, known.path)
         canonical = canonical_name(name)
         folder = folder_name(canonical)
-        return _Folder(canonical, self.maildir.root / f".{folder}" if folder else self.maildir.root)
+        found = _Folder(
+            canonical, self.maildir.root / f".{folder}" if folder else self.maildir.root
+        )
+        if len(self._named) < 1000:  # a pure function of the name: remembered
+            self._named[name] = found
+        return _Folder(found.name, found.path)
 
     def _existing(self, name: str) -> _Folder:
         folder = self._folder(name)
@@ -1743,6 +1752,15 @@ class MailStore:
     @_guarded
     def read(self, name: str, uid: int) -> bytes:
         """The message with CRLF line ends; ``MessageGoneError`` if expunged meanwhile."""
+        folder = self._folder(name)
+        cached = self._cache.get(folder.name)
+        filename = cached.files.get(uid) if cached is not None else None
+        if filename is not None:  # the common case: the file is where the last sync saw it
+            try:
+                with open(os.path.join(folder.path, "cur", filename), "rb") as f:
+                    return _to_crlf(f.read(), _split_name(filename)[0])
+            except FileNotFoundError:
+                pass  # renamed or expunged since: look for it as path() does
         for _ in range(3):
             path = self.path(name, uid)
             try:
