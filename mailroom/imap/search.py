@@ -277,6 +277,14 @@ class Candidate:
     _parsed: Parsed | None = None
     _header_text: str | None = None
 
+    def become(
+        self, seq: int, uid: int, flags: frozenset[str], size: int, modseq: int, when: datetime
+    ) -> None:
+        """Stand for another message (one Candidate serves a whole SEARCH)."""
+        self.seq, self.uid, self.flags, self.size = seq, uid, flags, size
+        self.modseq, self.internaldate = modseq, when
+        self._parsed = self._header_text = None
+
     @property
     def parsed(self) -> Parsed:
         if self._parsed is None:

@@ -27,7 +27,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -1378,33 +1378,36 @@ class IMAPSession:
         if modseq_key:
             self.condstore = True
         found: list[int] = []  # UIDs
-        saved = frozenset(self.saved)
+        found_seqs: list[int] = []
         highest = 0
-        largest_uid = box.uids[-1] if box.uids else 0
+        candidate = Candidate(
+            seq=0,
+            uid=0,
+            flags=frozenset(),
+            size=0,
+            modseq=0,
+            internaldate=datetime.now(UTC),
+            largest_seq=len(box.uids),
+            largest_uid=box.uids[-1] if box.uids else 0,
+            load=lambda: self._parsed(candidate.uid),
+            load_header_text=lambda: self._header_text(candidate.uid),
+            saved=frozenset(self.saved),
+        )
+        recent, infos, key = box.recent, box.infos, request.key
+        with_recent = frozenset({"\\Recent"})
         for seq, u in enumerate(box.uids, 1):
-            info = box.infos[u]
-            flags = info.flags | {"\\Recent"} if u in box.recent else info.flags
-            candidate = Candidate(
-                seq=seq,
-                uid=u,
-                flags=frozenset(flags),
-                size=info.size,
-                modseq=info.modseq,
-                internaldate=info.internaldate,
-                largest_seq=len(box.uids),
-                largest_uid=largest_uid,
-                load=lambda u=u: self._parsed(u),  # type: ignore[misc]
-                load_header_text=lambda u=u: self._header_text(u),  # type: ignore[misc]
-                saved=saved,
-            )
+            info = infos[u]
+            flags = info.flags | with_recent if u in recent else info.flags
+            candidate.become(seq, u, flags, info.size, info.modseq, info.internaldate)
             try:
-                hit = matches(request.key, candidate)
+                hit = matches(key, candidate)
             except MessageGoneError:
                 continue
             if hit:
                 found.append(u)
+                found_seqs.append(seq)
                 highest = max(highest, info.modseq)
-        numbers = found if uid else [box.seq(u) for u in found]
+        numbers = found if uid else found_seqs
         returns = request.returns
         if returns is not None and "SAVE" in returns:
             # RFC 5182 2.4: with only MIN and/or MAX beside SAVE, only those are saved.
