@@ -19,7 +19,7 @@ from mailroom.activation import Endpoint, Hangup, Limits, serve
 from mailroom.config import Settings
 from mailroom.errors import ConnectionLimitError
 from mailroom.imap.server import IMAPConnection
-from mailroom.imap.session import IMAPSession, SessionConfig
+from mailroom.imap.session import IMAPSession, SessionConfig, SharedCache
 from mailroom.inotify import Watcher
 from mailroom.maildir import Maildir
 from mailroom.mailstore import MailStore
@@ -78,6 +78,7 @@ def session_factory(
     """A function making the SessionConfig of one connection from the client's address."""
 
     sessions = UserSessions(settings.imap.max_connections_per_user)
+    shared_cache = SharedCache()
 
     def open_store(user: User) -> MailStore:
         maildir = Maildir.for_address(settings.mail_root, user.address, settings.hostname)
@@ -121,6 +122,7 @@ def session_factory(
             max_literal=settings.message_size_limit,
             preauth_timeout=settings.imap.preauth_timeout_seconds,
             autologout=settings.imap.autologout_seconds,
+            shared_cache=shared_cache,
         )
 
     return make

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mailroom.imap.session import State
+from mailroom.accounts import User
+from mailroom.addresses import Address
+from mailroom.imap.session import SharedCache, State
 from mailroom.maildir import Maildir
 from mailroom.mailstore import MailStore
 from tests.imap_transcript import Conversation, conversation, message
@@ -195,6 +197,29 @@ def test_other_programs_changes_reach_idle_and_noop_after_quiet_commands(
         assert conv.session.idle_poll() == b"* 1 EXPUNGE\r\n"
     finally:
         other.close()
+
+
+def test_the_process_cache_of_envelopes_keeps_users_apart(store: MailStore, tmp_path: Path) -> None:
+    """Sessions share computed ENVELOPEs, never across users, whatever their UIDs."""
+    carol_store = MailStore(Maildir(tmp_path / "carol", "mail.example.test", fsync=lambda fd: None))
+    carol_store.append("INBOX", message("For Carol"), (), datetime(2026, 11, 1, tzinfo=UTC))
+    store.append("INBOX", message("For Alice"), (), datetime(2026, 11, 1, tzinfo=UTC))
+    cache = SharedCache()
+    carol = User(Address("carol", "example.test"), True, 0)
+    sessions = [
+        conversation(store, shared_cache=cache),
+        conversation(store, shared_cache=cache),
+        conversation(carol_store, shared_cache=cache, authenticate=lambda u, p: carol),
+    ]
+    for conv, who in zip(sessions, ("Alice", "Alice", "Carol"), strict=True):
+        conv.send(b"a SELECT INBOX\r\n")
+        conv.pending.clear()
+        conv.run(f"""
+            C: b FETCH 1 (ENVELOPE)
+            S: * 1 FETCH (ENVELOPE ("Mon, 23 Nov 2026 09:00:00 +0100" "For {who}" *))
+            S: b OK FETCH completed
+        """)
+    carol_store.close()
 
 
 def test_bad_names_refused_by_session_and_store(store: MailStore) -> None:

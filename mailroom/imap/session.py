@@ -24,6 +24,7 @@ import contextlib
 import enum
 import logging
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,34 @@ _HTTP = re.compile(rb"^[A-Z]{3,7} \S+ HTTP/\d")
 # -- what the session needs from the outside world ---------------------------------------------
 
 
+class SharedCache:
+    """FETCH items computed from a message's contents (ENVELOPE, BODYSTRUCTURE, BODY), encoded,
+    for all the sessions of a process: a user's phone and desktop fetch the same envelopes.
+
+    Entries are keyed by user, mailbox, UIDVALIDITY, UID and Maildir key: within one
+    UIDVALIDITY a UID names one message, and a Maildir file's contents never change. The
+    oldest entries go beyond ``entries``; safe to use from several threads.
+    """
+
+    def __init__(self, entries: int = 100_000) -> None:
+        self.entries = entries
+        self._items: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[object, ...]) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[object, ...], value: bytes) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+
+
 class MessageInfo(Protocol):
     """``mailroom.mailstore.MessageInfo``: flags never include \\Recent."""
 
@@ -98,6 +127,8 @@ class MessageInfo(Protocol):
     def size(self) -> int: ...
     @property
     def internaldate(self) -> datetime: ...
+    @property
+    def key(self) -> str: ...  # the Maildir key: one file, whose contents never change
 
 
 class MailboxEntry(Protocol):
@@ -229,6 +260,7 @@ class SessionConfig:
     compress_available: bool = True
     max_fetch_response: int = 256 * 1024 * 1024  # octets of one FETCH answer before NO [LIMIT]
     parse_message: Callable[[bytes], ParsedMessage] = parse_message
+    shared_cache: SharedCache | None = None  # the process's (mailroom-imapd makes one)
 
 
 @dataclass(frozen=True)
@@ -1552,12 +1584,8 @@ class IMAPSession:
             return b"RFC822.SIZE %d" % info.size
         if name == "INTERNALDATE":
             return b'INTERNALDATE "' + format_date_time(info.internaldate).encode() + b'"'
-        if name == "ENVELOPE":
-            return b"ENVELOPE " + self._enc(self._parsed(uid).envelope())
-        if name == "BODYSTRUCTURE":
-            return b"BODYSTRUCTURE " + self._enc(self._parsed(uid).bodystructure())
-        if name == "BODY" and item.section is None:
-            return b"BODY " + self._enc(self._parsed(uid).body())
+        if name in ("ENVELOPE", "BODYSTRUCTURE") or (name == "BODY" and item.section is None):
+            return self._derived(box, uid, info, name)
         if name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
             text = {"RFC822": "", "RFC822.HEADER": "HEADER", "RFC822.TEXT": "TEXT"}[name]
             data = self._section(uid, Section((), text))
@@ -1583,6 +1611,29 @@ class IMAPSession:
         if name == "BINARY" and b"\x00" in data:
             return label.encode() + b" ~{%d}\r\n" % len(data) + data  # RFC 3516 4.3: literal8
         return label.encode() + b" " + _string(data)
+
+    def _derived(self, box: Mailbox, uid: int, info: MessageInfo, name: str) -> bytes:
+        """ENVELOPE, BODYSTRUCTURE or BODY of a message, through the process's cache."""
+        shared = self.config.shared_cache
+        key: tuple[object, ...] | None = None
+        if shared is not None and self.user is not None:
+            user = str(self.user.address)
+            key = (user, box.name, box.uidvalidity, uid, info.key, name, self.utf8)
+            hit = shared.get(key)
+            if hit is not None:
+                return hit
+        parsed = self._parsed(uid)
+        value = (
+            parsed.envelope()
+            if name == "ENVELOPE"
+            else parsed.bodystructure()
+            if name == "BODYSTRUCTURE"
+            else parsed.body()
+        )
+        out = name.encode() + b" " + self._enc(value)
+        if shared is not None and key is not None:
+            shared.put(key, out)
+        return out
 
     # message contents, cached (a FETCH of many items reads and parses each message once)
 
