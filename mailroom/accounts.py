@@ -77,6 +77,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX aliases_domain ON aliases (domain)",
         "CREATE INDEX aliases_target ON aliases (target)",
     ),
+    (
+        # Failed logins per client address, shared by every protocol and process
+        # (mailroom.throttle); ``last`` is a Unix time.
+        """CREATE TABLE login_failures (
+            peer     TEXT PRIMARY KEY NOT NULL,
+            failures INTEGER NOT NULL,
+            last     REAL NOT NULL
+        ) STRICT""",
+        "CREATE INDEX login_failures_last ON login_failures (last)",
+    ),
 )
 
 
@@ -316,6 +326,28 @@ class Accounts:
         with self._read() as db:
             self._expand(db, addr, found, set(), 0)
         return list(found.values())
+
+    # Failed-login records (the storage of mailroom.throttle.AuthThrottle).
+
+    def get_failures(self, peer: str) -> tuple[int, float] | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT failures, last FROM login_failures WHERE peer = ?", (peer,)
+            ).fetchone()
+        return (int(row[0]), float(row[1])) if row else None
+
+    def put_failures(self, peer: str, failures: int, last: float, *, forget_before: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO login_failures (peer, failures, last) VALUES (?, ?, ?)"
+                " ON CONFLICT (peer) DO UPDATE SET failures = excluded.failures, last = excluded.last",
+                (peer, failures, last),
+            )
+            db.execute("DELETE FROM login_failures WHERE last < ?", (forget_before,))
+
+    def clear_failures(self, peer: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM login_failures WHERE peer = ?", (peer,))
 
     def verify_password(self, address: str, password: str) -> User | None:
         """The enabled user ``address`` if ``password`` is right, else None (same time either way)."""

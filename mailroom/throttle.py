@@ -1,9 +1,11 @@
 """Failed-login throttling: each failure from an address makes its next attempts slower.
 
-In-process and per client address: a failure costs ``base * 2**(n-1)`` seconds of delay
-before the answer (capped), and after ``lockout_after`` failures within ``window`` seconds
-the address is refused without checking the password until the window passes. A success
-clears the address. Shared by every protocol of one process; the clock is injected.
+Per client address: a failure costs ``base * 2**(n-1)`` seconds of delay before the answer
+(capped), and after ``lockout_after`` failures within ``window`` seconds the address is
+refused without checking the password until the window passes. A success clears the address.
+The records live in a ``FailureStore``: the accounts database in the servers, so that every
+protocol and every process counts the same failures and a restart forgets nothing; a dict
+in memory for tests. The clock is injected (wall-clock time, shared between processes).
 ``throttled`` wraps a password check (``Accounts.verify_password``) in these rules, for one
 client address, logging each outcome without the password.
 """
@@ -14,18 +16,45 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-@dataclass
-class _Record:
-    failures: int
-    last: float
+class FailureStore(Protocol):
+    """Where failure counts live (``Accounts`` is one)."""
+
+    def get_failures(self, peer: str) -> tuple[int, float] | None: ...
+
+    def put_failures(
+        self, peer: str, failures: int, last: float, *, forget_before: float
+    ) -> None: ...
+
+    def clear_failures(self, peer: str) -> None: ...
+
+
+class MemoryFailures:
+    """A FailureStore in this process's memory, bounded."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self.records: dict[str, tuple[int, float]] = {}
+
+    def get_failures(self, peer: str) -> tuple[int, float] | None:
+        return self.records.get(peer)
+
+    def put_failures(self, peer: str, failures: int, last: float, *, forget_before: float) -> None:
+        self.records[peer] = (failures, last)
+        if len(self.records) > self.limit:  # bounded memory under a distributed attack
+            for old in [p for p, (_, t) in self.records.items() if t < forget_before] or [
+                min(self.records, key=lambda p: self.records[p][1])
+            ]:
+                del self.records[old]
+
+    def clear_failures(self, peer: str) -> None:
+        self.records.pop(peer, None)
 
 
 class AuthThrottle:
@@ -33,48 +62,43 @@ class AuthThrottle:
 
     def __init__(
         self,
+        store: FailureStore | None = None,
         *,
         base_delay: float = 0.5,
         max_delay: float = 8.0,
         lockout_after: int = 10,
         window: float = 900.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.store: FailureStore = store if store is not None else MemoryFailures()
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.lockout_after = lockout_after
         self.window = window
         self.clock = clock
-        self._records: dict[str, _Record] = {}
         self._lock = threading.Lock()
 
-    def _record(self, peer: str) -> _Record | None:
-        record = self._records.get(peer)
-        if record is not None and self.clock() - record.last > self.window:
-            del self._records[peer]
-            return None
-        return record
+    def _failures(self, peer: str) -> int:
+        record = self.store.get_failures(peer)
+        if record is None or self.clock() - record[1] > self.window:
+            return 0
+        return record[0]
 
     def locked_out(self, peer: str) -> bool:
         with self._lock:
-            record = self._record(peer)
-            return record is not None and record.failures >= self.lockout_after
+            return self._failures(peer) >= self.lockout_after
 
     def failed(self, peer: str) -> float:
         """Record a failure; returns the delay (seconds) to impose before answering."""
         with self._lock:
-            record = self._record(peer) or _Record(0, 0.0)
-            record.failures += 1
-            record.last = self.clock()
-            self._records[peer] = record
-            if len(self._records) > 100_000:  # bounded memory under a distributed attack
-                oldest = min(self._records, key=lambda p: self._records[p].last)
-                del self._records[oldest]
-            return float(min(self.base_delay * 2 ** (record.failures - 1), self.max_delay))
+            now = self.clock()
+            failures = self._failures(peer) + 1
+            self.store.put_failures(peer, failures, now, forget_before=now - self.window)
+            return float(min(self.base_delay * 2 ** (failures - 1), self.max_delay))
 
     def succeeded(self, peer: str) -> None:
         with self._lock:
-            self._records.pop(peer, None)
+            self.store.clear_failures(peer)
 
 
 def throttled(

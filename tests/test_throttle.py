@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from mailroom.throttle import AuthThrottle, throttled
+from pathlib import Path
+
+from mailroom.accounts import Accounts
+from mailroom.throttle import AuthThrottle, MemoryFailures, throttled
 
 
 class Clock:
@@ -51,3 +54,35 @@ def test_throttled_check_delays_failures_and_locks_out() -> None:
     assert throttled(verify, throttle, "192.0.2.8", sleep=slept.append)("u", "right") == "u"
     clock.now += 901
     assert check("u", "right") == "u" and not throttle.locked_out("192.0.2.7")
+
+
+def test_failures_are_shared_through_the_accounts_database(tmp_path: Path) -> None:
+    """IMAP and POP3 run in different processes: both count the same failures, across restarts."""
+    clock = Clock()
+    db = tmp_path / "auth.sqlite3"
+    with Accounts(db) as imap_side, Accounts(db) as pop3_side:
+        imap = AuthThrottle(imap_side, lockout_after=4, window=60, clock=clock)
+        pop3 = AuthThrottle(pop3_side, lockout_after=4, window=60, clock=clock)
+        assert imap.failed("198.51.100.7") == 0.5
+        assert pop3.failed("198.51.100.7") == 1
+        imap.failed("198.51.100.7")
+        assert not pop3.locked_out("198.51.100.7")
+        pop3.failed("198.51.100.7")
+        assert imap.locked_out("198.51.100.7")
+    with Accounts(db) as restarted:
+        assert AuthThrottle(restarted, lockout_after=4, window=60, clock=clock).locked_out(
+            "198.51.100.7"
+        )
+        clock.now += 61
+        later = AuthThrottle(restarted, lockout_after=4, window=60, clock=clock)
+        assert not later.locked_out("198.51.100.7")
+        later.failed("203.0.113.9")  # a write also forgets records older than the window
+        assert restarted.get_failures("198.51.100.7") is None
+
+
+def test_memory_store_stays_bounded() -> None:
+    store = MemoryFailures(limit=100)
+    throttle = AuthThrottle(store, clock=Clock())
+    for i in range(1000):
+        throttle.failed(f"10.0.{i // 256}.{i % 256}")
+    assert len(store.records) <= 101
