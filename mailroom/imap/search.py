@@ -298,6 +298,36 @@ class Candidate:
         return self._header_text
 
 
+FlagTest = Callable[[frozenset[str]], bool]
+
+
+def flag_test(key: Key) -> FlagTest | None:
+    """``key`` as a test of the flags alone, when that is all it looks at (UNSEEN, DELETED,
+    NOT FLAGGED ...): the same answers as ``matches``, without a Candidate; else None."""
+    if isinstance(key, All):
+        return lambda flags: True
+    if isinstance(key, HasFlag):
+        flag = key.flag
+        if key.present:
+            return lambda flags: flag in flags
+        return lambda flags: flag not in flags
+    if isinstance(key, Not):
+        inner = flag_test(key.key)
+        return None if inner is None else lambda flags: not inner(flags)
+    if isinstance(key, Or):
+        left, right = flag_test(key.left), flag_test(key.right)
+        if left is None or right is None:
+            return None
+        return lambda flags: left(flags) or right(flags)
+    if isinstance(key, And):
+        tests = [flag_test(k) for k in key.keys]
+        if any(t is None for t in tests):
+            return None
+        chosen = [t for t in tests if t is not None]
+        return lambda flags: all(t(flags) for t in chosen)
+    return None
+
+
 def matches(key: Key, c: Candidate) -> bool:
     """Whether message ``c`` satisfies ``key``."""
     if isinstance(key, All):

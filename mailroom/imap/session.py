@@ -61,7 +61,14 @@ from mailroom.imap.parser import (
     format_date_time,
     format_set,
 )
-from mailroom.imap.search import BadCharsetError, Candidate, matches, parse_search, uses_modseq
+from mailroom.imap.search import (
+    BadCharsetError,
+    Candidate,
+    flag_test,
+    matches,
+    parse_search,
+    uses_modseq,
+)
 from mailroom.imap.wire import Atom, Value, encode, encode_mailbox, quoted_or_literal
 from mailroom.mime import Message, Section
 
@@ -92,11 +99,14 @@ class SharedCache:
 
     Entries are keyed by user, mailbox, UIDVALIDITY, UID and Maildir key: within one
     UIDVALIDITY a UID names one message, and a Maildir file's contents never change. The
-    oldest entries go beyond ``entries``; safe to use from several threads.
+    least recently used entries go beyond ``entries`` or ``octets``; safe to use from several
+    threads.
     """
 
-    def __init__(self, entries: int = 100_000) -> None:
+    def __init__(self, entries: int = 100_000, octets: int = 64 * 1024 * 1024) -> None:
         self.entries = entries
+        self.octets = octets
+        self._size = 0
         self._items: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -109,9 +119,11 @@ class SharedCache:
 
     def put(self, key: tuple[object, ...], value: bytes) -> None:
         with self._lock:
+            old = self._items.pop(key, None)
+            self._size += len(value) - (len(old) if old is not None else 0)
             self._items[key] = value
-            while len(self._items) > self.entries:
-                self._items.popitem(last=False)
+            while self._items and (len(self._items) > self.entries or self._size > self.octets):
+                self._size -= len(self._items.popitem(last=False)[1])
 
 
 class MessageInfo(Protocol):
@@ -1427,14 +1439,18 @@ class IMAPSession:
         )
         recent, infos, key = box.recent, box.infos, request.key
         with_recent = frozenset({"\\Recent"})
+        test = flag_test(key)
         for seq, u in enumerate(box.uids, 1):
             info = infos[u]
             flags = info.flags | with_recent if u in recent else info.flags
-            candidate.become(seq, u, flags, info.size, info.modseq, info.internaldate)
-            try:
-                hit = matches(key, candidate)
-            except MessageGoneError:
-                continue
+            if test is not None:
+                hit = test(flags)
+            else:
+                candidate.become(seq, u, flags, info.size, info.modseq, info.internaldate)
+                try:
+                    hit = matches(key, candidate)
+                except MessageGoneError:
+                    continue
             if hit:
                 found.append(u)
                 found_seqs.append(seq)
