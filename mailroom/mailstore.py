@@ -1542,6 +1542,7 @@ class MailStore:
                 del rows[r.key]
 
         # 2. new/ -> cur/ with ":2," (a known key here is a rename a crash undid).
+        new_dir, cur_dir = str(folder.new), str(folder.cur)  # strings: no Path per file
         from_new: set[str] = set()
         for name in _listdir(folder.new):
             key, letters = _split_name(name)
@@ -1552,7 +1553,7 @@ class MailStore:
                 target = f"{key}:2,{keywords.letters(wanted) if wanted is not None else letters}"
                 from_new.add(key)
             try:
-                os.rename(folder.new / name, folder.cur / target)
+                os.rename(f"{new_dir}/{name}", f"{cur_dir}/{target}")
             except FileNotFoundError:  # another process moved it first
                 continue
 
@@ -1590,7 +1591,7 @@ class MailStore:
             if key in rows:
                 continue
             try:
-                st = os.stat(folder.cur / filename)
+                st = os.stat(f"{cur_dir}/{filename}")
             except FileNotFoundError:
                 continue
             match = _ORDER.match(key)
