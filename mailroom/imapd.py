@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from mailroom.inotify import Watcher
 from mailroom.maildir import Maildir
 from mailroom.mailstore import MailStore
 from mailroom.service import Sockets, run
-from mailroom.throttle import AuthThrottle
+from mailroom.throttle import AuthThrottle, throttled
 from mailroom.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -95,29 +94,11 @@ def session_factory(
             raise
 
     def make(peer: str, implicit_tls: bool) -> SessionConfig:
-        def authenticate(username: str, password: str) -> User | None:
-            if throttle.locked_out(peer):
-                log.warning(
-                    "login refused for %s: too many failures", peer, extra={"CLIENT_ADDR": peer}
-                )
-                return None
-            user = accounts.verify_password(username, password)
-            if user is None:
-                delay = throttle.failed(peer)
-                log.info(
-                    "login failed for %r from %s", username[:64], peer, extra={"CLIENT_ADDR": peer}
-                )
-                time.sleep(delay)
-                return None
-            throttle.succeeded(peer)
-            log.info("login %s from %s", user.address, peer, extra={"CLIENT_ADDR": peer})
-            return user
-
         return SessionConfig(
             hostname=settings.hostname,
             implicit_tls=implicit_tls,
             starttls_available=starttls and not implicit_tls,
-            authenticate=authenticate,
+            authenticate=throttled(accounts.verify_password, throttle, peer),
             open_store=open_store,
             max_literal=settings.message_size_limit,
             preauth_timeout=settings.imap.preauth_timeout_seconds,
@@ -140,7 +121,7 @@ async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> No
             connection.changed()
 
     loop.add_reader(watcher.fd, on_inotify)
-    make = session_factory(settings, accounts, AuthThrottle(), starttls=tls is not None)
+    make = session_factory(settings, accounts, AuthThrottle(accounts), starttls=tls is not None)
     busy = b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
 
     def connection(implicit_tls: bool) -> IMAPConnection:
