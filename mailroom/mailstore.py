@@ -60,6 +60,7 @@ Instances are safe to use from several threads; they are not meant to be shared 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import errno
@@ -822,6 +823,7 @@ class _Cached:
     files: dict[int, str]  # uid -> name in cur/
     box_id: int = 0
     cur_token: tuple[int, int] | None = None  # Listings' token of cur/ matching ``filenames``
+    uids: tuple[int, ...] = ()  # of ``snapshot.messages``, in order (for bisect)
     # (mtime_ns of new/, of cur/) stat'ed just before a listing that matched ``filenames``,
     # and when that listing began (time.time_ns()); None until a listing confirmed it.
     dirs: tuple[int, int] | None = None
@@ -1289,11 +1291,13 @@ class MailStore:
             return cached.snapshot
         if not new:  # perhaps only the index changed (another process synced first)
             loaded = self._load(folder.name, incremental=True)
-            if loaded is not None and cur != loaded.filenames:
+            same = loaded is not None and cur == loaded.filenames
+            if loaded is not None and not same:
                 # A row whose file was renamed without a flag change keeps its MODSEQ, so
                 # only a full load can tell.
                 loaded = self._load(folder.name)
-            if loaded is not None and cur == loaded.filenames:
+                same = loaded is not None and cur == loaded.filenames
+            if loaded is not None and same:
                 self._cache[folder.name] = _replace(
                     loaded, dirs=dirs, listed_at=listed_at, cur_token=token
                 )
@@ -1330,9 +1334,10 @@ class MailStore:
                 and box.highestmodseq >= base.snapshot.highestmodseq
             ):
                 since = base.snapshot.highestmodseq
+                # No ORDER BY: SQLite would then walk every row in UID order rather than the
+                # few above ``since`` through messages_modseq.
                 changed = db.execute(
-                    f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? AND modseq > ?"
-                    " ORDER BY uid",
+                    f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? AND modseq > ?",
                     (box.id, since),
                 ).fetchall()
                 gone = {
@@ -1380,7 +1385,13 @@ class MailStore:
             files[uid] = filename
         snapshot = Snapshot(name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages))
         loaded = _Cached(
-            self._index.inode, data_version, frozenset(files.values()), snapshot, files, box.id
+            self._index.inode,
+            data_version,
+            frozenset(files.values()),
+            snapshot,
+            files,
+            box.id,
+            uids=tuple(files),
         )
         self._base[name] = loaded
         return loaded
@@ -1409,6 +1420,25 @@ class MailStore:
             )
             updates[uid] = (info, filename)
         files = dict(base.files)
+        if not gone and all(uid in files for uid in updates):
+            # Flag changes only (the common case): replace those messages in place.
+            changed_list = list(old.messages)
+            names = set()
+            dropped = set()
+            for uid, (info, filename) in updates.items():
+                changed_list[bisect.bisect_left(base.uids, uid)] = info
+                dropped.add(files[uid])
+                names.add(filename)
+                files[uid] = filename
+            snapshot = Snapshot(
+                old.name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(changed_list)
+            )
+            filenames = base.filenames.difference(dropped - names).union(names)
+            loaded = _Cached(
+                self._index.inode, data_version, filenames, snapshot, files, box.id, uids=base.uids
+            )
+            self._base[old.name] = loaded
+            return loaded
         messages: list[MessageInfo] = []
         for m in old.messages:
             if m.uid in gone:
@@ -1431,7 +1461,13 @@ class MailStore:
             old.name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages)
         )
         loaded = _Cached(
-            self._index.inode, data_version, frozenset(files.values()), snapshot, files, box.id
+            self._index.inode,
+            data_version,
+            frozenset(files.values()),
+            snapshot,
+            files,
+            box.id,
+            uids=tuple(m.uid for m in messages),
         )
         self._base[old.name] = loaded
         return loaded

@@ -570,6 +570,10 @@ def test_another_store_changes_are_loaded_incrementally_and_exactly(maildir: Mai
         one.claim_recent("INBOX")  # the index changed, the messages did not
         assert two.sync("INBOX") is cached
         one.store("INBOX", [2, 4], "+", ["\\Seen", "$Work"])
+        flagged = two.sync("INBOX")  # flag changes alone: replaced in place
+        with MailStore(maildir) as fresh:
+            assert flagged == fresh.sync("INBOX")
+        assert two.read("INBOX", 4).endswith(b"body 4\r\n")
         one.store("INBOX", [3], "+", ["\\Deleted"])
         one.expunge("INBOX")
         one.append("INBOX", message(6), ["\\Flagged"])
