@@ -18,6 +18,7 @@ from mailroom.errors import (
     MailboxNotFoundError,
     QuotaExceededError,
 )
+from mailroom.mailstore import MailboxEntry, MailboxStatus, MessageInfo, Snapshot
 
 DEFAULTS = {
     "Sent": "\\Sent",
@@ -26,47 +27,6 @@ DEFAULTS = {
     "Junk": "\\Junk",
     "Archive": "\\Archive",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
-    uid: int
-    flags: frozenset[str]
-    modseq: int
-    size: int
-    internaldate: datetime
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class MailboxEntry:
-    name: str
-    special_use: str | None
-    has_children: bool
-    subscribed: bool
-    selectable: bool
-
-
-@dataclass(frozen=True, slots=True)
-class MailboxStatus:
-    name: str
-    uidvalidity: int
-    uidnext: int
-    highestmodseq: int
-    messages: int
-    unseen: int
-    deleted: int
-    size: int
-    recent: int
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    name: str
-    uidvalidity: int
-    uidnext: int
-    highestmodseq: int
-    messages: tuple[MessageInfo, ...]
 
 
 @dataclass

@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from types import TracebackType
 
 from mailroom.errors import MailboxNotFoundError, MessageGoneError
-
-
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
-    uid: int
-    flags: frozenset[str]
-    modseq: int
-    size: int
-    internaldate: datetime
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    name: str
-    uidvalidity: int
-    uidnext: int
-    highestmodseq: int
-    messages: tuple[MessageInfo, ...]
+from mailroom.mailstore import MessageInfo, Snapshot
 
 
 class FakeStore:
