@@ -19,8 +19,9 @@ import pytest
 from mailroom.errors import StoreError
 from mailroom.imap.session import IMAPSession, State
 from mailroom.imap.wire import Atom, Value
+from mailroom.mailstore import MessageInfo
 from mailroom.mime import Section
-from tests.imap_fake_store import FakeStore, MessageInfo
+from tests.imap_fake_store import FakeStore
 from tests.imap_transcript import PASSWORD, Conversation, conversation, fill, make_config, message
 
 CAPS_AUTH = (

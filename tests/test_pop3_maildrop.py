@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from mailroom.errors import MailboxInUseError
+from mailroom.mailstore import Snapshot
 from mailroom.pop3.maildrop import LOCK_NAME, StoreMaildrop, lock_mailbox
-from tests.pop3_fake_store import FakeStore, Snapshot
+from tests.pop3_fake_store import FakeStore
 
 
 def filled(count: int = 3) -> FakeStore:
