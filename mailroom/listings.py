@@ -15,29 +15,28 @@ or replaced (another inode at the path) makes the directory listed again. Withou
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import itertools
 import logging
 import os
-import struct
 import threading
 from dataclasses import dataclass
 
+from mailroom.inotify import (
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    Inotify,
+)
+
 log = logging.getLogger(__name__)
 
-_IN_CREATE = 0x00000100
-_IN_DELETE = 0x00000200
-_IN_MOVED_FROM = 0x00000040
-_IN_MOVED_TO = 0x00000080
-_IN_DELETE_SELF = 0x00000400
-_IN_MOVE_SELF = 0x00000800
-_IN_Q_OVERFLOW = 0x00004000
-_IN_IGNORED = 0x00008000
-_IN_ONLYDIR = 0x01000000
-_MASK = _IN_CREATE | _IN_DELETE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF
-_EVENT = struct.Struct("iIII")
+_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF
 
 
 _SERIALS = itertools.count(1)
@@ -69,28 +68,22 @@ class Listings:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = -1
-        self._fd = -1
+        self._inotify: Inotify | None = None
         self._dirs: dict[str, _Dir] = {}
         self._by_wd: dict[int, _Dir] = {}
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        self._init = libc.inotify_init1
-        self._add = libc.inotify_add_watch
-        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        self._rm = libc.inotify_rm_watch
-        self._rm.argtypes = [ctypes.c_int, ctypes.c_int]
 
-    def _instance(self) -> int:
-        """The inotify fd of this process (-1 if none can be had)."""
+    def _instance(self) -> Inotify | None:
+        """The inotify instance of this process (None if none can be had)."""
         if self._pid != os.getpid():  # first use, or a forked child: start afresh
             self._pid = os.getpid()
             self._dirs.clear()
             self._by_wd.clear()
-            self._fd = self._init(os.O_NONBLOCK | os.O_CLOEXEC)
-            if self._fd < 0:
-                log.warning(
-                    "inotify_init1: %s; listing directories", os.strerror(ctypes.get_errno())
-                )
-        return self._fd
+            try:
+                self._inotify = Inotify()
+            except OSError as err:
+                self._inotify = None
+                log.warning("%s; listing directories", err)
+        return self._inotify
 
     def hold(self, path: str) -> None:
         """Watch ``path`` for a store until ``release``; no-op without inotify."""
@@ -103,15 +96,16 @@ class Listings:
                 self._watch_locked(path, 1)
 
     def _watch_locked(self, path: str, users: int) -> _Dir | None:
-        if self._fd < 0:
+        if self._inotify is None:
             return None
         try:
             st = os.stat(path)
         except FileNotFoundError:
             return None
-        wd = self._add(self._fd, os.fsencode(path), _MASK | _IN_ONLYDIR)
-        if wd < 0:
-            log.info("inotify_add_watch %s: %s", path, os.strerror(ctypes.get_errno()))
+        try:
+            wd = self._inotify.add_watch(path, _MASK | IN_ONLYDIR)
+        except OSError as err:
+            log.info("%s", err)
             return None
         # Events from here on are queued: the listing comes after the watch.
         entry = _Dir(path, wd, (st.st_dev, st.st_ino), set(_listdir(path)), users, next(_SERIALS))
@@ -136,7 +130,8 @@ class Listings:
             del self._dirs[entry.path]
         if self._by_wd.get(entry.wd) is entry:
             del self._by_wd[entry.wd]
-            self._rm(self._fd, entry.wd)
+            if self._inotify is not None:
+                self._inotify.rm_watch(entry.wd)
 
     def names(self, path: str) -> tuple[tuple[int, int] | None, frozenset[str]]:
         """(a token equal to an earlier one only while the names are equal, or None when
@@ -164,40 +159,29 @@ class Listings:
 
     def _drain(self) -> None:
         """Apply every queued event (call with the lock held)."""
-        while True:
-            try:
-                data = os.read(self._fd, 256 * 1024)
-            except BlockingIOError:
-                return
-            except OSError as err:
-                if err.errno == errno.EINTR:
-                    continue
-                raise
-            offset = 0
-            while offset + _EVENT.size <= len(data):
-                wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-                raw = data[offset + _EVENT.size : offset + _EVENT.size + length]
-                offset += _EVENT.size + length
-                if mask & _IN_Q_OVERFLOW:
-                    for watched in self._dirs.values():
-                        watched.broken = True
-                    continue
-                entry = self._by_wd.get(wd)
-                if entry is None:
-                    continue
-                if mask & (_IN_IGNORED | _IN_DELETE_SELF | _IN_MOVE_SELF):
-                    entry.broken = True
-                    continue
-                name = os.fsdecode(raw.rstrip(b"\0"))
-                if not name or name.startswith("."):
-                    continue
-                if mask & (_IN_CREATE | _IN_MOVED_TO):
-                    if name not in entry.names:
-                        entry.names.add(name)
-                        entry.generation += 1
-                elif mask & (_IN_DELETE | _IN_MOVED_FROM) and name in entry.names:
-                    entry.names.discard(name)
+        if self._inotify is None:
+            return
+        for event in self._inotify.read():
+            if event.mask & IN_Q_OVERFLOW:
+                for watched in self._dirs.values():
+                    watched.broken = True
+                continue
+            entry = self._by_wd.get(event.wd)
+            if entry is None:
+                continue
+            if event.mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
+                entry.broken = True
+                continue
+            name = event.name
+            if not name or name.startswith("."):
+                continue
+            if event.mask & (IN_CREATE | IN_MOVED_TO):
+                if name not in entry.names:
+                    entry.names.add(name)
                     entry.generation += 1
+            elif event.mask & (IN_DELETE | IN_MOVED_FROM) and name in entry.names:
+                entry.names.discard(name)
+                entry.generation += 1
 
 
 LISTINGS = Listings()  # the one of this process
