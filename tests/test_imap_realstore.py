@@ -17,6 +17,7 @@ from mailroom.addresses import Address
 from mailroom.imap.session import SharedCache, State
 from mailroom.maildir import Maildir
 from mailroom.mailstore import MailStore
+from mailroom.mime import Message
 from tests.imap_transcript import Conversation, conversation, message
 
 
@@ -277,3 +278,41 @@ def test_quota_from_the_store(store: MailStore) -> None:
         S: * QUOTA "" (STORAGE 1 1024)
         S: q1 OK GETQUOTAROOT completed
     """)
+
+
+def test_search_header_values_are_parsed_once_per_process(store: MailStore, tmp_path: Path) -> None:
+    """Ten clients searching one mailbox parse each message once; users never share answers."""
+    for subject in ("alpha", "beta", "gamma"):
+        store.append("INBOX", message(subject), (), datetime(2026, 11, 1, tzinfo=UTC))
+    carol_store = MailStore(Maildir(tmp_path / "carol", "mail.example.test", fsync=lambda fd: None))
+    carol_store.append("INBOX", message("beta"), (), datetime(2026, 11, 1, tzinfo=UTC))
+    carol = User(Address("carol", "example.test"), True, 0)
+    parses: list[bytes] = []
+
+    def counting_parse(raw: bytes) -> Message:
+        parses.append(raw)
+        return Message(raw)
+
+    cache = SharedCache()
+    first, second = (
+        conversation(store, shared_cache=cache, parse_message=counting_parse) for _ in range(2)
+    )
+    other = conversation(
+        carol_store,
+        shared_cache=cache,
+        parse_message=counting_parse,
+        authenticate=lambda u, p: carol,
+    )
+    for conv in (first, second, other):
+        conv.send(b"a SELECT INBOX\r\n")
+        conv.pending.clear()
+    first.run('C: s SEARCH SUBJECT "beta"\n S: * SEARCH 2\n S: s OK SEARCH completed')
+    assert len(parses) == 3
+    second.run('C: s SEARCH SUBJECT "beta"\n S: * SEARCH 2\n S: s OK SEARCH completed')
+    second.run(
+        'C: t SEARCH OR SUBJECT "gamma" SUBJECT "alpha"\n S: * SEARCH 1 3\n S: t OK SEARCH completed'
+    )
+    assert len(parses) == 3  # the second session parsed nothing: the values came from the cache
+    other.run('C: s SEARCH SUBJECT "gamma"\n S: * SEARCH\n S: s OK SEARCH completed')
+    assert len(parses) == 4  # Carol's message is hers: parsed, never answered from Alice's
+    carol_store.close()

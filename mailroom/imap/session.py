@@ -126,6 +126,24 @@ class SharedCache:
                 self._size -= len(self._items.popitem(last=False)[1])
 
 
+class _SearchView:
+    """A message as SEARCH reads it: header values from the process's cache, the rest parsed."""
+
+    __slots__ = ("box", "session", "uid")
+
+    def __init__(self, session: IMAPSession, box: Mailbox, uid: int) -> None:
+        self.session, self.box, self.uid = session, box, uid
+
+    def header_values(self, name: str) -> list[str]:
+        return self.session._header_values(self.box, self.uid, name)
+
+    def text(self) -> str:
+        return self.session._parsed(self.uid).text()
+
+    def date(self) -> datetime | None:
+        return self.session._parsed(self.uid).date()
+
+
 class MessageInfo(Protocol):
     """``mailroom.mailstore.MessageInfo``: flags never include \\Recent."""
 
@@ -1433,7 +1451,7 @@ class IMAPSession:
             internaldate=datetime.now(UTC),
             largest_seq=len(box.uids),
             largest_uid=box.uids[-1] if box.uids else 0,
-            load=lambda: self._parsed(candidate.uid),
+            load=lambda: _SearchView(self, box, candidate.uid),
             load_header_text=lambda: self._header_text(candidate.uid),
             saved=frozenset(self.saved),
         )
@@ -1627,6 +1645,29 @@ class IMAPSession:
         if name == "BINARY" and b"\x00" in data:
             return label.encode() + b" ~{%d}\r\n" % len(data) + data  # RFC 3516 4.3: literal8
         return label.encode() + b" " + _string(data)
+
+    def _header_values(self, box: Mailbox, uid: int, field: str) -> list[str]:
+        """A header field's decoded values, through the process's cache (SEARCH FROM/SUBJECT/...:
+        ten clients searching one mailbox parse each message once, not ten times)."""
+        shared = self.config.shared_cache
+        if shared is None or self.user is None:
+            return self._parsed(uid).header_values(field)
+        info = box.infos[uid]
+        key = (
+            str(self.user.address),
+            box.name,
+            box.uidvalidity,
+            uid,
+            info.key,
+            "HEADER",
+            field.upper(),
+        )
+        hit = shared.get(key)
+        if hit is not None:
+            return hit.decode("utf-8", "surrogateescape").split("\0")[1:]
+        values = self._parsed(uid).header_values(field)
+        shared.put(key, "".join("\0" + v for v in values).encode("utf-8", "surrogateescape"))
+        return values
 
     def _derived(self, box: Mailbox, uid: int, info: MessageInfo, name: str) -> bytes:
         """ENVELOPE, BODYSTRUCTURE or BODY of a message, through the process's cache."""
