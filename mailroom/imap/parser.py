@@ -487,17 +487,22 @@ class Args:
         """A mailbox name, decoded (modified UTF-7, or UTF-8 after ENABLE UTF8=ACCEPT)."""
         return self.decode_mailbox(self.astring_bytes())
 
-    def decode_mailbox(self, raw: bytes) -> str:
+    def _decode_name(self, raw: bytes, what: str) -> str:
+        """A mailbox name or pattern: modified UTF-7, or UTF-8 after ENABLE UTF8=ACCEPT."""
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise ParseError("mailbox name is not UTF-8") from None
+            raise ParseError(f"{what} is not UTF-8") from None
         if not self.utf8 or text.isascii():
             try:
                 text = decode_mailbox(text)
             except MailboxNameError as err:
                 if not self.utf8:
                     raise ParseError(str(err)) from None
+        return text
+
+    def decode_mailbox(self, raw: bytes) -> str:
+        text = self._decode_name(raw, "mailbox name")
         # RFC 9051 5.1: INBOX is case-insensitive.
         if text.upper() == "INBOX":
             return "INBOX"
@@ -511,17 +516,7 @@ class Args:
             raw = self.string_bytes()
         else:
             raw = self.atom(extra=b"%*]").encode("utf-8")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ParseError("mailbox pattern is not UTF-8") from None
-        if not self.utf8 or text.isascii():
-            try:
-                text = decode_mailbox(text)
-            except MailboxNameError as err:
-                if not self.utf8:
-                    raise ParseError(str(err)) from None
-        return text
+        return self._decode_name(raw, "mailbox pattern")
 
     def date(self) -> date:
         """RFC 9051 9 date: ``d-Mon-yyyy``, optionally quoted."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from mailroom.maildir import Maildir
 from tests.bench.side_by_side import side_by_side
-from tests.bench.smtp_inbound import Row
+from tests.bench.smtp_inbound import Row, side_by_side_rows
 
 USER = "u@bench.test"
 PASSWORD = "bench-password-1"
@@ -132,8 +132,4 @@ def run(count: int = 10000) -> list[Row]:
     with side_by_side("mailroom-imapd", ("imap", "imaps"), "imap", USER, PASSWORD, fill) as servers:
         ours = _workload(servers.mailroom_port, servers.context, count)
         theirs = _workload(servers.dovecot_port, servers.context, count)
-    rows = []
-    for figure, value in ours.items():
-        unit = "ms" if figure.endswith("(ms)") else "ops/s"
-        rows.append(Row(f"imap: {figure}", value, theirs[figure], "Dovecot", unit))
-    return rows
+    return side_by_side_rows("imap", ours, theirs, "ops/s")

@@ -16,7 +16,7 @@ import time
 from mailroom.maildir import Maildir
 from tests.bench.fsync_limit import make_message
 from tests.bench.side_by_side import side_by_side
-from tests.bench.smtp_inbound import Row
+from tests.bench.smtp_inbound import Row, side_by_side_rows
 
 USER = "u@bench.test"
 PASSWORD = "bench-password-1"
@@ -61,8 +61,4 @@ def run(count: int = 1000) -> list[Row]:
     with side_by_side("mailroom-pop3d", ("pop3", "pop3s"), "pop3", USER, PASSWORD, fill) as servers:
         ours = _measure(servers.mailroom_port, servers.context, count)
         theirs = _measure(servers.dovecot_port, servers.context, count)
-    rows = []
-    for figure, value in ours.items():
-        unit = "ms" if figure.endswith("(ms)") else "msg/s"
-        rows.append(Row(f"pop3: {figure}", value, theirs[figure], "Dovecot", unit))
-    return rows
+    return side_by_side_rows("pop3", ours, theirs, "msg/s")

@@ -39,6 +39,22 @@ class Row:
         return self.mailroom / self.anchor if self.anchor else 0.0
 
 
+def side_by_side_rows(
+    scenario: str, ours: dict[str, float], theirs: dict[str, float], rate: str
+) -> list[Row]:
+    """One Row per figure of a mailroom-vs-Dovecot scenario; figures named "... (ms)" are durations."""
+    return [
+        Row(
+            f"{scenario}: {figure}",
+            value,
+            theirs[figure],
+            "Dovecot",
+            "ms" if figure.endswith("(ms)") else rate,
+        )
+        for figure, value in ours.items()
+    ]
+
+
 async def _session(port: int, message: bytes, count: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
