@@ -93,6 +93,16 @@ _HTTP = re.compile(rb"^[A-Z]{3,7} \S+ HTTP/\d")
 # -- what the session needs from the outside world ---------------------------------------------
 
 
+class _Flight:
+    """One key being computed: its waiters sleep on ``done``; ``value`` stays None if it failed."""
+
+    __slots__ = ("done", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: bytes | None = None
+
+
 class SharedCache:
     """FETCH items computed from a message's contents (ENVELOPE, BODYSTRUCTURE, BODY), encoded,
     for all the sessions of a process: a user's phone and desktop fetch the same envelopes.
@@ -100,7 +110,8 @@ class SharedCache:
     Entries are keyed by user, mailbox, UIDVALIDITY, UID and Maildir key: within one
     UIDVALIDITY a UID names one message, and a Maildir file's contents never change. The
     least recently used entries go beyond ``entries`` or ``octets``; safe to use from several
-    threads.
+    threads. ``get_or_compute`` computes each missing key once however many threads ask for it
+    at the same moment (ten clients fetching the same envelopes parse each message once).
     """
 
     def __init__(self, entries: int = 100_000, octets: int = 64 * 1024 * 1024) -> None:
@@ -108,22 +119,49 @@ class SharedCache:
         self.octets = octets
         self._size = 0
         self._items: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
+        self._flights: dict[tuple[object, ...], _Flight] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[object, ...]) -> bytes | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
+    def get_or_compute(self, key: tuple[object, ...], compute: Callable[[], bytes]) -> bytes:
+        """The cached value of ``key``, else ``compute()``'s, stored. While one thread computes
+        a key, the others asking for it wait for its value instead of computing it too; if
+        ``compute`` raises, the exception reaches that thread only and a waiter computes in its
+        place. ``compute`` runs without the lock held and must not ask for ``key`` itself."""
+        while True:
+            with self._lock:
+                hit = self._get(key)
+                if hit is not None:
+                    return hit
+                flight = self._flights.get(key)
+                if flight is None:
+                    flight = self._flights[key] = _Flight()
+                    break
+            flight.done.wait()
+            if flight.value is not None:  # handed over even if the LRU already dropped it
+                return flight.value
+        try:
+            value = compute()
+            flight.value = value
+        finally:
+            with self._lock:
+                del self._flights[key]
+                if flight.value is not None:
+                    self._put(key, flight.value)
+            flight.done.set()
+        return value
 
-    def put(self, key: tuple[object, ...], value: bytes) -> None:
-        with self._lock:
-            old = self._items.pop(key, None)
-            self._size += len(value) - (len(old) if old is not None else 0)
-            self._items[key] = value
-            while self._items and (len(self._items) > self.entries or self._size > self.octets):
-                self._size -= len(self._items.popitem(last=False)[1])
+    def _get(self, key: tuple[object, ...]) -> bytes | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def _put(self, key: tuple[object, ...], value: bytes) -> None:
+        old = self._items.pop(key, None)
+        self._size += len(value) - (len(old) if old is not None else 0)
+        self._items[key] = value
+        while self._items and (len(self._items) > self.entries or self._size > self.octets):
+            self._size -= len(self._items.popitem(last=False)[1])
 
 
 class _SearchView:
@@ -1662,35 +1700,38 @@ class IMAPSession:
             "HEADER",
             field.upper(),
         )
-        hit = shared.get(key)
-        if hit is not None:
-            return hit.decode("utf-8", "surrogateescape").split("\0")[1:]
-        values = self._parsed(uid).header_values(field)
-        shared.put(key, "".join("\0" + v for v in values).encode("utf-8", "surrogateescape"))
-        return values
+        computed: list[list[str]] = []  # this thread's own parse, if it was the one to parse
+
+        def compute() -> bytes:
+            values = self._parsed(uid).header_values(field)
+            computed.append(values)
+            return "".join("\0" + v for v in values).encode("utf-8", "surrogateescape")
+
+        encoded = shared.get_or_compute(key, compute)
+        if computed:
+            return computed[0]
+        return encoded.decode("utf-8", "surrogateescape").split("\0")[1:]
 
     def _derived(self, box: Mailbox, uid: int, info: MessageInfo, name: str) -> bytes:
         """ENVELOPE, BODYSTRUCTURE or BODY of a message, through the process's cache."""
+
+        def compute() -> bytes:
+            parsed = self._parsed(uid)
+            value = (
+                parsed.envelope()
+                if name == "ENVELOPE"
+                else parsed.bodystructure()
+                if name == "BODYSTRUCTURE"
+                else parsed.body()
+            )
+            return name.encode() + b" " + self._enc(value)
+
         shared = self.config.shared_cache
-        key: tuple[object, ...] | None = None
-        if shared is not None and self.user is not None:
-            user = str(self.user.address)
-            key = (user, box.name, box.uidvalidity, uid, info.key, name, self.utf8)
-            hit = shared.get(key)
-            if hit is not None:
-                return hit
-        parsed = self._parsed(uid)
-        value = (
-            parsed.envelope()
-            if name == "ENVELOPE"
-            else parsed.bodystructure()
-            if name == "BODYSTRUCTURE"
-            else parsed.body()
-        )
-        out = name.encode() + b" " + self._enc(value)
-        if shared is not None and key is not None:
-            shared.put(key, out)
-        return out
+        if shared is None or self.user is None:
+            return compute()
+        user = str(self.user.address)
+        key = (user, box.name, box.uidvalidity, uid, info.key, name, self.utf8)
+        return shared.get_or_compute(key, compute)
 
     # message contents, cached (a FETCH of many items reads and parses each message once)
 
