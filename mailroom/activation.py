@@ -8,7 +8,8 @@ What this module owns:
 - ``serve()`` runs one asyncio loop over those sockets, picks the protocol per fd name,
   limits connections (in all and per client address), exits by itself after
   ``idle_exit_seconds`` with no connection open, and on SIGTERM/SIGINT stops accepting and
-  lets open sessions finish for at most ``shutdown_grace_seconds``.
+  lets open sessions finish for at most ``shutdown_grace_seconds``. In a service of several
+  worker processes (``mailroom.workers``) the counts are the service's, shared by all.
 
 The same code runs under systemd, under ``systemd-socket-activate`` and under mailroom's own
 activator (``mailroom.activator``, used by ``bin/dev`` and the tests).
@@ -27,6 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mailroom.errors import ActivationError
+from mailroom.workers import SharedCounts
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,15 @@ class Hangup(asyncio.Protocol):
         transport.close()
 
 
+_shared_counts: SharedCounts | None = None
+
+
+def share_counts(counts: SharedCounts) -> None:
+    """Count connections in ``counts`` (made before forking the workers of one service)."""
+    global _shared_counts
+    _shared_counts = counts
+
+
 class ConnectionTracker:
     """Counts open connections per client address and tells when the process is idle."""
 
@@ -126,6 +137,7 @@ class ConnectionTracker:
         self, limits: Limits, idle_exit_seconds: float, on_idle: Callable[[], None]
     ) -> None:
         self.limits = limits
+        self.shared = _shared_counts
         self.idle_exit_seconds = idle_exit_seconds
         self.on_idle = on_idle
         self.per_ip: Counter[str] = Counter()
@@ -137,11 +149,23 @@ class ConnectionTracker:
     def arm_idle_timer(self) -> None:
         if self.idle_exit_seconds > 0:
             loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(self.idle_exit_seconds, self.on_idle)
+            self._idle_timer = loop.call_later(self.idle_exit_seconds, self._idle)
+
+    def _idle(self) -> None:
+        if self.shared is not None and self.shared.total > 0:
+            self.arm_idle_timer()  # another worker serves: the service is not idle
+            return
+        self.on_idle()
 
     def admit(self, peer: str) -> bool:
         """Whether a new connection from ``peer`` may be served."""
-        if self.open >= self.limits.max_connections or self.per_ip[peer] >= self.limits.max_per_ip:
+        if self.shared is not None:
+            limits = self.limits
+            if not self.shared.admit(peer, limits.max_connections, limits.max_per_ip):
+                return False
+        elif (
+            self.open >= self.limits.max_connections or self.per_ip[peer] >= self.limits.max_per_ip
+        ):
             return False
         self.open += 1
         self.per_ip[peer] += 1
@@ -152,6 +176,8 @@ class ConnectionTracker:
         return True
 
     def release(self, peer: str) -> None:
+        if self.shared is not None:
+            self.shared.release(peer)
         self.open -= 1
         self.per_ip[peer] -= 1
         if self.per_ip[peer] <= 0:

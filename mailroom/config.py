@@ -61,6 +61,8 @@ class IMAPSettings(_Section):
     preauth_timeout_seconds: float = Field(default=60, ge=10)
     # RFC 9051 5.4: the autologout timer is at least 30 minutes.
     autologout_seconds: float = Field(default=30 * 60, ge=30 * 60)
+    # Processes serving the sockets; 0: one per CPU.
+    workers: int = Field(default=0, ge=0, le=64)
 
 
 class POP3Settings(_Section):

@@ -85,6 +85,7 @@ class SessionConnection(asyncio.Protocol):
         self.session: Session | None = None
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.active_at = 0.0  # loop time of the last input or answer
         self.peer = ""
 
     # asyncio.Protocol
@@ -137,11 +138,26 @@ class SessionConnection(asyncio.Protocol):
             self.transport.close()
 
     def reset_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.session is not None and self.transport is not None:
-            loop = asyncio.get_running_loop()
-            self.timer = loop.call_later(self.session.timeout, self.queue.put_nowait, _TIMEOUT)
+        """Restart the inactivity timer. Cheap: it notes the time, and the one timer handle,
+        when it fires, sleeps again for what is left (the timeout may also have changed:
+        the session's is shorter before login)."""
+        if self.session is None or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        self.active_at = loop.time()
+        if self.timer is None:
+            self.timer = loop.call_at(self.active_at + self.session.timeout, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        if self.session is None or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self.active_at + self.session.timeout
+        if loop.time() >= deadline:
+            self.queue.put_nowait(_TIMEOUT)
+        else:
+            self.timer = loop.call_at(deadline, self._timer_fired)
 
     def drop_queued_input(self) -> None:
         while not self.queue.empty():

@@ -7,16 +7,17 @@ watcher and one thread pool for the whole process, and a session factory per con
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import threading
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from mailroom.accounts import Accounts, User
 from mailroom.activation import Endpoint, Hangup, Limits, serve
 from mailroom.config import Settings
-from mailroom.errors import ConnectionLimitError
+from mailroom.errors import ConnectionLimitError, StoreError
 from mailroom.imap.server import IMAPConnection
 from mailroom.imap.session import IMAPSession, SessionConfig, SharedCache
 from mailroom.inotify import Watcher
@@ -31,44 +32,86 @@ log = logging.getLogger(__name__)
 ENDPOINT_NAMES = ("imap", "imaps")
 
 
-class UserSessions:
-    """How many logged-in sessions each user has in this process, against a limit."""
+SESSIONS_DIR = "mailroom-sessions"  # in the user's Maildir root: one lock file per session slot
+
+
+class SharedStores:
+    """One MailStore per user for all of that user's sessions in this process, and the limit
+    on how many sessions a user may have open in all the service's worker processes (each
+    session holds an flock on one of ``limit`` slot files; the kernel drops it if the
+    process dies).
+
+    Sharing the store means one SQLite connection, one in-memory copy of each mailbox and
+    one set of directory listings per user: a change made by one session is applied to the
+    shared copy once, instead of being read back by each of the user's other sessions.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.open: Counter[str] = Counter()
         self.lock = threading.Lock()
+        self.stores: dict[str, SharedStore] = {}
 
-    def claim(self, user: str) -> None:
+    def open(self, maildir: Maildir, user: str, quota_bytes: int) -> MailStore:
+        slot = self._claim_slot(maildir, user)
+        try:
+            with self.lock:
+                store = self.stores.get(user)
+                if store is None:
+                    store = SharedStore(maildir, quota_bytes=quota_bytes, owner=self, user=user)
+                    self.stores[user] = store
+                store.quota_bytes = quota_bytes  # the latest login's figure
+                store.slots.append(slot)
+                store.sessions += 1
+                return store
+        except BaseException:
+            os.close(slot)
+            raise
+
+    def _claim_slot(self, maildir: Maildir, user: str) -> int:
+        directory = maildir.root / SESSIONS_DIR
+        try:
+            maildir.create()
+            directory.mkdir(mode=0o700, exist_ok=True)
+            for n in range(self.limit):
+                fd = os.open(directory / str(n), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    os.close(fd)
+        except OSError as err:
+            raise StoreError(f"cannot count the sessions of {user}: {err}") from None
+        raise ConnectionLimitError(f"{user} already has {self.limit} sessions open")
+
+    def release(self, store: SharedStore) -> bool:
+        """One session of ``store`` ended; True if it was the last (the store is then out
+        of the registry, so no new session can be given it)."""
         with self.lock:
-            if self.open[user] >= self.limit:
-                raise ConnectionLimitError(f"{user} already has {self.limit} sessions open")
-            self.open[user] += 1
+            store.sessions -= 1
+            if store.slots:  # slots are alike: give back any one
+                os.close(store.slots.pop())
+            if store.sessions > 0:
+                return False
+            if self.stores.get(store.user) is store:
+                del self.stores[store.user]
+            return True
 
-    def release(self, user: str) -> None:
-        with self.lock:
-            self.open[user] -= 1
-            if self.open[user] <= 0:
-                del self.open[user]
 
-
-class CountedStore(MailStore):
-    """A MailStore that tells UserSessions when its session ends."""
+class SharedStore(MailStore):
+    """A MailStore shared by several sessions: closed when the last of them closes it."""
 
     def __init__(
-        self, maildir: Maildir, *, user: str, quota_bytes: int, on_close: Callable[[str], None]
+        self, maildir: Maildir, *, quota_bytes: int, owner: SharedStores, user: str
     ) -> None:
         super().__init__(maildir, quota_bytes=quota_bytes)
-        self._user = user
-        self._on_close: Callable[[str], None] | None = on_close
+        self.owner = owner
+        self.user = user
+        self.sessions = 0
+        self.slots: list[int] = []  # the slot locks of its sessions
 
     def close(self) -> None:
-        try:
+        if self.owner.release(self):
             super().close()
-        finally:
-            if self._on_close is not None:
-                self._on_close(self._user)
-                self._on_close = None
 
 
 def session_factory(
@@ -76,22 +119,12 @@ def session_factory(
 ) -> Callable[[str, bool], SessionConfig]:
     """A function making the SessionConfig of one connection from the client's address."""
 
-    sessions = UserSessions(settings.imap.max_connections_per_user)
+    stores = SharedStores(settings.imap.max_connections_per_user)
     shared_cache = SharedCache()
 
     def open_store(user: User) -> MailStore:
         maildir = Maildir.for_address(settings.mail_root, user.address, settings.hostname)
-        sessions.claim(str(user.address))
-        try:
-            return CountedStore(
-                maildir,
-                user=str(user.address),
-                quota_bytes=user.quota_bytes,
-                on_close=sessions.release,
-            )
-        except BaseException:
-            sessions.release(str(user.address))
-            raise
+        return stores.open(maildir, str(user.address), user.quota_bytes)
 
     def make(peer: str, implicit_tls: bool) -> SessionConfig:
         return SessionConfig(
@@ -156,4 +189,8 @@ async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> No
 
 def main() -> int:
     """Entry point of ``mailroom-imapd``."""
-    return run("mailroom-imapd", _serve)
+    return run(
+        "mailroom-imapd",
+        _serve,
+        workers=lambda s: (s.imap.workers or os.cpu_count() or 1, s.imap.max_connections),
+    )

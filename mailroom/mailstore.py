@@ -524,6 +524,16 @@ class _Corrupt(Exception):
     """The index file is damaged."""
 
 
+_WRITER_LOCKS: dict[Path, threading.Lock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def _writer_lock(index: Path) -> threading.Lock:
+    """The lock this process's writers of one index take before its lock file."""
+    with _WRITER_LOCKS_GUARD:
+        return _WRITER_LOCKS.setdefault(index, threading.Lock())
+
+
 def _is_corrupt(err: sqlite3.DatabaseError) -> bool:
     code = getattr(err, "sqlite_errorcode", None)
     if code is not None:
@@ -564,6 +574,13 @@ class _Index:
 
     @contextlib.contextmanager
     def _flock(self) -> Iterator[None]:
+        # Writers of this process queue on a thread lock first (woken at once, in order);
+        # the flock, polled, is then only contended by other processes.
+        with _writer_lock(self.path), self._flock_file():
+            yield
+
+    @contextlib.contextmanager
+    def _flock_file(self) -> Iterator[None]:
         deadline = time.monotonic() + LOCK_TIMEOUT
         delay = 0.0005
         while True:
@@ -606,7 +623,7 @@ class _Index:
             (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode != "wal":
                 raise StoreError(f"{self.path}: cannot switch the mail index to WAL mode")
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             (check,) = conn.execute("PRAGMA quick_check(1)").fetchone()
             if check != "ok":
@@ -857,8 +874,8 @@ def _listdir(path: Path) -> list[str]:
 def _dir_stamp(folder: _Folder) -> tuple[int, int] | None:
     """The mtimes (ns) of the folder's new/ and cur/, or None if one is missing."""
     try:
-        return os.stat(folder.new).st_mtime_ns, os.stat(folder.cur).st_mtime_ns
-    except FileNotFoundError:
+        return os.stat(f"{folder.path}/new").st_mtime_ns, os.stat(f"{folder.path}/cur").st_mtime_ns
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -1250,9 +1267,12 @@ class MailStore:
     def sync(self, name: str) -> Snapshot:
         """The mailbox now: deliveries picked up (new/ -> cur/, UIDs ascending in delivery
         order), flags changed by others (MODSEQ bumped), files removed by others expunged."""
-        folder = self._existing(name)
-        data_version = self._index.data_version()
+        folder = self._folder(name)
         dirs = _dir_stamp(folder)
+        if dirs is None:  # not there: the error, or INBOX made
+            folder = self._existing(name)
+            dirs = _dir_stamp(folder)
+        data_version = self._index.data_version()
         cached = self._cache.get(folder.name)
         valid = (
             cached is not None

@@ -3,7 +3,9 @@
 ``run(program, serve)`` loads the settings (a bad configuration: one message, exit 78),
 sets up logging, takes the sockets systemd passed, opens the accounts database and runs
 ``serve`` until it returns (idle exit or SIGTERM). Any ``MailroomError`` ends the program with
-one clear line and exit status 1, never a traceback.
+one clear line and exit status 1, never a traceback. With ``workers`` saying more than one,
+the sockets are served by that many forked processes (``mailroom.workers``), each opening
+its own database connection after the fork.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mailroom.accounts import Accounts
-from mailroom.activation import inherited_sockets
+from mailroom.activation import inherited_sockets, share_counts
 from mailroom.config import Settings, load_settings
 from mailroom.errors import MailroomError
 from mailroom.logs import setup_logging
+from mailroom.workers import SharedCounts, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +32,13 @@ Sockets = dict[str, list[socket.socket]]
 Serve = Callable[[Settings, Accounts, Sockets], Coroutine[Any, Any, None]]
 
 
-def run(program: str, serve: Serve) -> int:
-    """Run ``serve`` as ``program``; returns the exit status."""
+def run(
+    program: str, serve: Serve, workers: Callable[[Settings], tuple[int, int]] | None = None
+) -> int:
+    """Run ``serve`` as ``program``; returns the exit status.
+
+    ``workers(settings)`` gives (how many processes, the service's connection limit).
+    """
     try:
         settings = load_settings()
     except MailroomError as err:
@@ -39,10 +47,26 @@ def run(program: str, serve: Serve) -> int:
     setup_logging(program, settings.log_level)
     try:
         sockets = inherited_sockets()
+    except MailroomError as err:
+        return _failed(program, err)
+    count, capacity = workers(settings) if workers is not None else (1, 0)
+    if count <= 1:
+        return _serve(program, serve, settings, sockets)
+    share_counts(SharedCounts(capacity))
+    log.info("starting %d worker processes", count)
+    return run_workers(count, lambda: _serve(program, serve, settings, sockets))
+
+
+def _serve(program: str, serve: Serve, settings: Settings, sockets: Sockets) -> int:
+    try:
         with Accounts(settings.auth_db) as accounts:
             asyncio.run(serve(settings, accounts, sockets))
     except MailroomError as err:
-        log.error("%s", err)
-        print(f"{program}: {err}", file=sys.stderr)
-        return 1
+        return _failed(program, err)
     return 0
+
+
+def _failed(program: str, err: MailroomError) -> int:
+    log.error("%s", err)
+    print(f"{program}: {err}", file=sys.stderr)
+    return 1

@@ -48,6 +48,7 @@ class IMAPConnection(SessionConnection):
         self.imap_session: IMAPSession | None = None
         self.watcher = watcher
         self.watched: list[Path] = []
+        self.watched_name: str | None = None  # the selected mailbox when ``watched`` was set
         self.change_pending = False
         self.inflate: zlib._Decompress | None = None
         self.deflate: zlib._Compress | None = None
@@ -118,6 +119,11 @@ class IMAPConnection(SessionConnection):
     def after_feed(self) -> None:
         if self.watcher is None or self.imap_session is None:
             return
+        selected = self.imap_session.selected
+        name = selected.name if selected is not None else None
+        if name == self.watched_name:
+            return  # the same mailbox (and so the same directories) as after the last command
+        self.watched_name = name
         dirs = self.imap_session.watch_dirs()
         if dirs == self.watched:
             return
