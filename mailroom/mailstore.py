@@ -623,7 +623,7 @@ class _Index:
             (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode != "wal":
                 raise StoreError(f"{self.path}: cannot switch the mail index to WAL mode")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             (check,) = conn.execute("PRAGMA quick_check(1)").fetchone()
             if check != "ok":
