@@ -524,14 +524,14 @@ class _Corrupt(Exception):
     """The index file is damaged."""
 
 
-_WRITER_LOCKS: dict[Path, threading.Lock] = {}
+_WRITER_LOCKS: dict[Path, threading.RLock] = {}
 _WRITER_LOCKS_GUARD = threading.Lock()
 
 
-def _writer_lock(index: Path) -> threading.Lock:
+def _writer_lock(index: Path) -> threading.RLock:
     """The lock this process's writers of one index take before its lock file."""
     with _WRITER_LOCKS_GUARD:
-        return _WRITER_LOCKS.setdefault(index, threading.Lock())
+        return _WRITER_LOCKS.setdefault(index, threading.RLock())
 
 
 def _is_corrupt(err: sqlite3.DatabaseError) -> bool:
@@ -549,6 +549,7 @@ class _Index:
         self.fsync = fsync
         self._lock_fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         self._conn: sqlite3.Connection | None = None
+        self._flock_depth = 0  # nesting of _flock in the thread holding it
         self.inode = 0
         self.resets = 0
         try:
@@ -576,8 +577,20 @@ class _Index:
     def _flock(self) -> Iterator[None]:
         # Writers of this process queue on a thread lock first (woken at once, in order);
         # the flock, polled, is then only contended by other processes.
-        with _writer_lock(self.path), self._flock_file():
-            yield
+        with _writer_lock(self.path):
+            if self._flock_depth:  # nested (a rebuild inside a write): the flock is ours
+                self._flock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._flock_depth -= 1
+                return
+            with self._flock_file():
+                self._flock_depth = 1
+                try:
+                    yield
+                finally:
+                    self._flock_depth = 0
 
     @contextlib.contextmanager
     def _flock_file(self) -> Iterator[None]:
@@ -877,6 +890,21 @@ def _dir_stamp(folder: _Folder) -> tuple[int, int] | None:
         return os.stat(f"{folder.path}/new").st_mtime_ns, os.stat(f"{folder.path}/cur").st_mtime_ns
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _unchanged(cached: _Cached, dirs: tuple[int, int] | None) -> bool:
+    """Whether new/ and cur/ are as they were at the cached listing.
+
+    Directory mtimes have a granularity (a clock tick, a second on some file systems): a
+    change in the same tick as an earlier one leaves the mtime as it was. So the mtimes are
+    trusted only for a listing begun more than DIR_MTIME_SLACK after them, when any later
+    change must give the directory a different mtime.
+    """
+    return (
+        dirs is not None
+        and cached.dirs == dirs
+        and cached.listed_at - max(dirs) > DIR_MTIME_SLACK_NS
+    )
 
 
 def _replace(cached: _Cached, **changes: object) -> _Cached:
@@ -1263,6 +1291,45 @@ class MailStore:
 
     # -- sync ----------------------------------------------------------------------------------
 
+    def hold_if_current(self, name: str) -> bool:
+        """Take the store for the calling thread, without waiting, if no other thread has it
+        and ``sync(name)`` would answer from memory; the caller then ``release_hold()``s.
+
+        For a caller that must not block (an event loop running a cheap command itself): it
+        never waits for a lock, and while held no other thread of this process changes the
+        store. Another process may still deliver in between; the next sync then does the
+        (short) work of picking that up.
+        """
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            folder = self._folder(name)
+            cached = self._cache.get(folder.name)
+            if (
+                cached is not None
+                and not self._depth
+                and cached.inode == self._index.inode
+                and cached.data_version == self._index.data_version()
+                and (_unchanged(cached, _dir_stamp(folder)) or self._listed_as(folder, cached))
+            ):
+                return True
+        except (OSError, sqlite3.Error, StoreError):
+            pass
+        self._lock.release()
+        return False
+
+    def _listed_as(self, folder: _Folder, cached: _Cached) -> bool:
+        """Whether the watched listings say new/ is empty and cur/ is as cached."""
+        new, cur = str(folder.new), str(folder.cur)
+        if new not in self._held or cur not in self._held:
+            return False
+        _, in_new = self._listings.names(new)
+        token, _ = self._listings.names(cur)
+        return not in_new and token is not None and token == cached.cur_token
+
+    def release_hold(self) -> None:
+        self._lock.release()
+
     @_guarded
     def sync(self, name: str) -> Snapshot:
         """The mailbox now: deliveries picked up (new/ -> cur/, UIDs ascending in delivery
@@ -1279,18 +1346,7 @@ class MailStore:
             and cached.inode == self._index.inode
             and cached.data_version == data_version
         )
-        # No listing when neither directory changed since a listing that matched the index.
-        # Directory mtimes have a granularity (a clock tick, a second on some file systems):
-        # a change in the same tick as an earlier one leaves the mtime as it was. So the
-        # mtimes are trusted only for a listing begun more than DIR_MTIME_SLACK after them,
-        # when any later change must give the directory a different mtime.
-        if (
-            valid
-            and cached is not None
-            and dirs is not None
-            and cached.dirs == dirs
-            and cached.listed_at - max(dirs) > DIR_MTIME_SLACK_NS
-        ):
+        if valid and cached is not None and _unchanged(cached, dirs):
             return cached.snapshot
         listed_at = time.time_ns()
         for directory in (str(folder.new), str(folder.cur)):
@@ -1327,6 +1383,9 @@ class MailStore:
         loaded = self._load(folder.name, incremental=True)
         if loaded is None:  # pragma: no cover - the row was written just above
             raise StoreError(f"mailbox {folder.name} vanished from the index")
+        token, cur = self._listings.names(str(folder.cur))
+        if token is not None and cur == loaded.filenames:  # the listing after our own renames
+            loaded = _replace(loaded, cur_token=token)
         self._cache[folder.name] = loaded
         return loaded.snapshot
 

@@ -995,11 +995,14 @@ def test_rename_inbox_moves_its_messages(store: MailStore, maildir: Maildir) -> 
 MESSAGES = 120
 
 
-def _deliverer(root: Path, done: EventType) -> None:
+def _deliverer(root: Path, done: EventType, rebuilds: Synchronized[int]) -> None:
     box = Maildir(root, HOST, fsync=no_fsync)
     for n in range(MESSAGES):
         box.deliver(message(n))
         time.sleep(0.003)
+    deadline = time.monotonic() + 20
+    while rebuilds.value < 3 and time.monotonic() < deadline:  # rebuilds among the others
+        time.sleep(0.01)
     done.set()
 
 
@@ -1060,7 +1063,7 @@ def test_several_processes_at_once(maildir: Maildir) -> None:
     out: multiprocessing.Queue[Observed] = FORK.Queue()
     rebuilds: Synchronized[int] = FORK.Value("i", 0)
     procs = [
-        FORK.Process(target=_deliverer, args=(maildir.root, done)),
+        FORK.Process(target=_deliverer, args=(maildir.root, done, rebuilds)),
         FORK.Process(target=_worker, args=(maildir.root, "\\Flagged", True, done, out)),
         FORK.Process(target=_worker, args=(maildir.root, "\\Seen", False, done, out)),
         FORK.Process(target=_rebuilder, args=(maildir.root, done, rebuilds)),

@@ -248,6 +248,19 @@ def uses_modseq(key: Key) -> bool:
     return False
 
 
+def header_fields(key: Key) -> set[str]:
+    """The header fields ``key`` tests (FROM, SUBJECT, HEADER X-Foo ...), upper-case."""
+    if isinstance(key, HeaderKey):
+        return {key.field}
+    if isinstance(key, Not):
+        return header_fields(key.key)
+    if isinstance(key, Or):
+        return header_fields(key.left) | header_fields(key.right)
+    if isinstance(key, And):
+        return set().union(*(header_fields(k) for k in key.keys))
+    return set()
+
+
 # -- matching ---------------------------------------------------------------------------------
 
 

@@ -58,6 +58,9 @@ class IMAPConnection(SessionConnection):
         assert isinstance(self.session, IMAPSession)
         self.imap_session = self.session
 
+    def inline(self, data: bytes) -> bool:
+        return self.imap_session is not None and self.imap_session.quick(data)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.watcher is not None:
             self.watcher.forget(self)

@@ -22,6 +22,7 @@ import binascii
 import bisect
 import contextlib
 import enum
+import functools
 import logging
 import re
 import threading
@@ -65,6 +66,7 @@ from mailroom.imap.search import (
     BadCharsetError,
     Candidate,
     flag_test,
+    header_fields,
     matches,
     parse_search,
     uses_modseq,
@@ -87,6 +89,8 @@ MAX_BAD_COMMANDS = 10  # in a row, before authentication: then "* BYE"
 MAX_MAILBOX_NAME = 512  # characters
 MESSAGE_CACHE = 32  # parsed messages kept per session
 MESSAGE_CACHE_BYTES = 16 * 1024 * 1024  # ... and their octets; the newest one is always kept
+# Commands cheap enough for the event loop when the selected mailbox is current (``quick``).
+_QUICK = frozenset({b"NOOP", b"CHECK", b"IDLE", b"CAPABILITY", b"NAMESPACE"})
 _HTTP = re.compile(rb"^[A-Z]{3,7} \S+ HTTP/\d")
 
 
@@ -127,6 +131,19 @@ class SharedCache:
         a key, the others asking for it wait for its value instead of computing it too; if
         ``compute`` raises, the exception reaches that thread only and a waiter computes in its
         place. ``compute`` runs without the lock held and must not ask for ``key`` itself."""
+        value = self._get_or_compute(key, compute, wait=True)
+        assert value is not None
+        return value
+
+    def fill(self, key: tuple[object, ...], compute: Callable[[], bytes]) -> None:
+        """Compute and store ``key`` unless it is cached or another thread is computing it:
+        never waits. Threads warming the same keys in the same order so spread out over them
+        instead of queueing behind one another."""
+        self._get_or_compute(key, compute, wait=False)
+
+    def _get_or_compute(
+        self, key: tuple[object, ...], compute: Callable[[], bytes], *, wait: bool
+    ) -> bytes | None:
         while True:
             with self._lock:
                 hit = self._get(key)
@@ -136,6 +153,8 @@ class SharedCache:
                 if flight is None:
                     flight = self._flights[key] = _Flight()
                     break
+                if not wait:
+                    return None
             flight.done.wait()
             if flight.value is not None:  # handed over even if the LRU already dropped it
                 return flight.value
@@ -162,6 +181,10 @@ class SharedCache:
         self._items[key] = value
         while self._items and (len(self._items) > self.entries or self._size > self.octets):
             self._size -= len(self._items.popitem(last=False)[1])
+
+
+def _encode_values(values: list[str]) -> bytes:
+    return "".join("\0" + v for v in values).encode("utf-8", "surrogateescape")
 
 
 class _SearchView:
@@ -291,6 +314,8 @@ class MailStore(Protocol):
     ) -> tuple[Sequence[MessageInfo], Sequence[int]]: ...
     def claim_recent(self, name: str, /) -> frozenset[int]: ...
     def watch_dirs(self, name: str, /) -> Sequence[Path]: ...
+    def hold_if_current(self, name: str, /) -> bool: ...
+    def release_hold(self) -> None: ...
 
 
 class ParsedMessage(Protocol):
@@ -413,6 +438,7 @@ class IMAPSession:
         self.saved: list[int] = []  # RFC 5182 SEARCHRES: UIDs of "$"
         self.idle_tag: str | None = None
         self.sasl: Sasl | None = None
+        self.held: MailStore | None = None  # held for the next feed, by ``quick``
         self.failed_logins = 0
         self.bad_commands = 0
         self.commands = 0
@@ -428,7 +454,43 @@ class IMAPSession:
     def greeting(self) -> bytes:
         return f"* OK [CAPABILITY {self._capabilities()}] {self.config.hostname} IMAP ready\r\n".encode()
 
+    def quick(self, data: bytes) -> bool:
+        """Whether ``feed(data)`` may run on the event loop: one whole command line, of a
+        verb that does no more than report changes (NOOP, IDLE, DONE, ...), while the
+        selected mailbox is current in memory. The store is then held for this thread
+        (``MailStore.hold_if_current``) until that ``feed`` returns."""
+        if (
+            self.state is State.LOGOUT
+            or self.sasl is not None
+            or self.framer.pending
+            or not data.endswith(b"\n")
+            or data.count(b"\n") != 1
+            or data.rstrip().endswith(b"}")
+        ):
+            return False
+        if self.idle_tag is not None:
+            if data.rstrip().upper() != b"DONE":
+                return False
+        else:
+            words = data.split(None, 2)
+            if len(words) < 2 or words[1].upper() not in _QUICK:
+                return False
+        if self.store is None or self.selected is None:
+            return True
+        if not self.store.hold_if_current(self.selected.name):
+            return False
+        self.held = self.store
+        return True
+
     def feed(self, data: bytes) -> Output:
+        held, self.held = self.held, None
+        try:
+            return self._feed(data)
+        finally:
+            if held is not None:
+                held.release_hold()
+
+    def _feed(self, data: bytes) -> Output:
         if self.state is State.LOGOUT:
             return Output(b"", "close")
         self.framer.feed(data)
@@ -1496,6 +1558,9 @@ class IMAPSession:
         recent, infos, key = box.recent, box.infos, request.key
         with_recent = frozenset({"\\Recent"})
         test = flag_test(key)
+        fields = header_fields(key)
+        if fields:
+            self._warm_headers(box, fields)
         for seq, u in enumerate(box.uids, 1):
             info = infos[u]
             flags = info.flags | with_recent if u in recent else info.flags
@@ -1684,30 +1749,45 @@ class IMAPSession:
             return label.encode() + b" ~{%d}\r\n" % len(data) + data  # RFC 3516 4.3: literal8
         return label.encode() + b" " + _string(data)
 
+    def _header_key(self, box: Mailbox, uid: int, field: str) -> tuple[object, ...]:
+        assert self.user is not None
+        info = box.infos[uid]
+        user = str(self.user.address)
+        return (user, box.name, box.uidvalidity, uid, info.key, "HEADER", field.upper())
+
+    def _warm_headers(self, box: Mailbox, fields: set[str]) -> None:
+        """Put the header fields a SEARCH will test into the process's cache first, skipping
+        messages another session is parsing right now (see ``SharedCache.fill``)."""
+        shared = self.config.shared_cache
+        if shared is None or self.user is None:
+            return
+        for uid in box.uids:
+            for name in fields:
+                try:
+                    shared.fill(
+                        self._header_key(box, uid, name),
+                        functools.partial(self._encoded_header, uid, name),
+                    )
+                except MessageGoneError:
+                    break
+
+    def _encoded_header(self, uid: int, name: str) -> bytes:
+        return _encode_values(self._parsed(uid).header_values(name))
+
     def _header_values(self, box: Mailbox, uid: int, field: str) -> list[str]:
         """A header field's decoded values, through the process's cache (SEARCH FROM/SUBJECT/...:
         ten clients searching one mailbox parse each message once, not ten times)."""
         shared = self.config.shared_cache
         if shared is None or self.user is None:
             return self._parsed(uid).header_values(field)
-        info = box.infos[uid]
-        key = (
-            str(self.user.address),
-            box.name,
-            box.uidvalidity,
-            uid,
-            info.key,
-            "HEADER",
-            field.upper(),
-        )
         computed: list[list[str]] = []  # this thread's own parse, if it was the one to parse
 
         def compute() -> bytes:
             values = self._parsed(uid).header_values(field)
             computed.append(values)
-            return "".join("\0" + v for v in values).encode("utf-8", "surrogateescape")
+            return _encode_values(values)
 
-        encoded = shared.get_or_compute(key, compute)
+        encoded = shared.get_or_compute(self._header_key(box, uid, field), compute)
         if computed:
             return computed[0]
         return encoded.decode("utf-8", "surrogateescape").split("\0")[1:]
