@@ -125,6 +125,20 @@ class Listings:
             if entry.users <= 0:
                 self._forget_locked(entry)
 
+    def suspend(self, path: str) -> None:
+        """Stop watching ``path`` until its next ``names``, which lists it afresh: for a
+        caller about to change thousands of names at once (reading their events back one
+        by one costs more than one listing)."""
+        with self._lock:
+            entry = self._dirs.get(path) if self._pid == os.getpid() else None
+            if entry is None or entry.broken:
+                return
+            self._drain()  # events of other directories stay in order
+            entry.broken = True
+            if self._by_wd.get(entry.wd) is entry and self._inotify is not None:
+                del self._by_wd[entry.wd]
+                self._inotify.rm_watch(entry.wd)
+
     def _forget_locked(self, entry: _Dir) -> None:
         if self._dirs.get(entry.path) is entry:
             del self._dirs[entry.path]

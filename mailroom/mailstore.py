@@ -114,6 +114,7 @@ MAX_NAME = 255
 MAX_KEYWORDS = 26  # Dovecot's letters a-z
 MAX_KEYWORD_LENGTH = 100
 DIR_MTIME_SLACK_NS = 1_000_000_000  # see MailStore.sync: mtimes are trusted this long after
+BULK_RENAMES = 256  # new/ -> cur/ moves above which the listings are read afresh after
 MAX_TOMBSTONES = 10_000  # per mailbox; older expunges are then reported as "anything missing"
 
 # Dovecot's maildir flag letters (maildir-util.c); "P" (passed) has no IMAP flag and is kept.
@@ -1659,7 +1660,11 @@ class MailStore:
         # 2. new/ -> cur/ with ":2," (a known key here is a rename a crash undid).
         new_dir, cur_dir = str(folder.new), str(folder.cur)  # strings: no Path per file
         from_new: set[str] = set()
-        for name in _listdir(folder.new):
+        arriving = _listdir(folder.new)
+        if len(arriving) > BULK_RENAMES:
+            self._listings.suspend(new_dir)
+            self._listings.suspend(cur_dir)
+        for name in arriving:
             key, letters = _split_name(name)
             if key in rows:
                 target = rows[key].filename

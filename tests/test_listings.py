@@ -84,3 +84,27 @@ def test_a_forked_child_never_reads_the_parents_queue(tmp_path: Path) -> None:
     assert out.get() == ["from-child"]
     child.join(10)
     assert listings.names(str(cur))[1] == {"from-child"}  # the parent got its event
+
+
+def test_a_suspended_directory_queues_no_events_and_is_listed_again(tmp_path: Path) -> None:
+    cur, other = tmp_path / "cur", tmp_path / "other"
+    cur.mkdir()
+    other.mkdir()
+    listings = Listings()
+    listings.hold(str(cur))
+    listings.hold(str(other))
+    token, _ = listings.names(str(cur))
+    (other / "x").write_bytes(b"")  # an event of another directory, queued before
+    listings.suspend(str(cur))
+    for n in range(300):
+        (cur / f"m{n}").write_bytes(b"")
+    inotify = listings._instance()
+    assert inotify is not None
+    # The 300 creations made no events to read back (only the watch's removal: IN_IGNORED).
+    assert [e.name for e in inotify.read()] == [""]
+    later, names = listings.names(str(cur))
+    assert names == _listdir(cur) and len(names) == 300
+    assert later != token
+    assert listings.names(str(other))[1] == {"x"}  # the other directory kept its event
+    (cur / "m0").unlink()
+    assert listings.names(str(cur))[1] == _listdir(cur)  # watched again

@@ -83,6 +83,11 @@ def _workload(port: int, context: ssl.SSLContext, count: int) -> dict[str, float
     start = time.perf_counter()
     _check(clients[0].select("INBOX"))  # the first SELECT of this server (index build)
     figures[f"first SELECT of {count} messages (ms)"] = (time.perf_counter() - start) * 1000
+    lone = login()  # one client alone, on its own connection: what opening the mailbox feels like
+    start = time.perf_counter()
+    _check(lone.select("INBOX"))
+    figures[f"SELECT of {count} messages, one client (ms)"] = (time.perf_counter() - start) * 1000
+    lone.logout()
     figures["SELECT"] = _phase(clients, 3, lambda c, i: _check(c.select("INBOX")))
     figures["FETCH 1:* (FLAGS)"] = _phase(
         clients, 2, lambda c, i: _check(c.fetch("1:*", "(FLAGS)"))

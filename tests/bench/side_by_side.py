@@ -97,6 +97,9 @@ ssl_key = <{key}
 auth_mechanisms = plain
 first_valid_uid = 100
 mail_location = maildir:{maildir}
+protocol imap {{
+  mail_max_userip_connections = 20
+}}
 passdb {{
   driver = static
   args = password={_argon2id(password)}
