@@ -76,6 +76,51 @@ class POP3Settings(_Section):
     allow_plaintext_loopback: bool = False
 
 
+class SubmissionSettings(_Section):
+    """Limits and policy of the submission server (587 STARTTLS, 465 TLS)."""
+
+    max_connections: int = Field(default=100, ge=1)
+    max_connections_per_ip: int = Field(default=10, ge=1)
+    max_recipients: int = Field(default=100, ge=1, le=10_000)
+    timeout_seconds: float = Field(default=300, ge=30)
+    # Name the client's address in the Received: header (off: its address stays private).
+    received_client_address: bool = False
+
+
+class RelaySettings(_Section):
+    """A smarthost: when ``host`` is set, every remote message goes through it."""
+
+    host: str = ""
+    port: int = Field(default=587, ge=1, le=65535)
+    tls: str = "starttls"  # "starttls" (usually 587) or "implicit" (usually 465)
+    username: str = ""
+    password_file: Path | None = None  # one line, readable by the service user only
+
+    @field_validator("tls")
+    @classmethod
+    def _check_tls(cls, value: str) -> str:
+        if value not in ("starttls", "implicit"):
+            raise ValueError('must be "starttls" or "implicit"')
+        return value
+
+
+class OutboundSettings(_Section):
+    """The outbound queue runner."""
+
+    # Waits before the 1st, 2nd, ... retry; after the last, ``retry_interval_seconds``.
+    retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60, 300, 1800, 3600])
+    retry_interval_seconds: float = Field(default=3600, ge=1)
+    give_up_seconds: float = Field(default=5 * 86400, ge=60)
+    delay_warning_seconds: float = Field(default=4 * 3600, ge=0)  # 0: no delay warning
+    connect_timeout_seconds: float = Field(default=30, ge=1)
+    command_timeout_seconds: float = Field(default=300, ge=1)
+    smtp_port: int = Field(default=25, ge=1, le=65535)  # of remote MX hosts (tests change it)
+    mta_sts: bool = True
+    mta_sts_port: int = Field(default=443, ge=1, le=65535)  # of the policy host (tests change it)
+    ca_file: Path | None = None  # CA bundle for verifying TLS peers; empty: the system's
+    relay: RelaySettings = RelaySettings()
+
+
 class DNSSettings(_Section):
     """Where DNS questions go; empty means the system resolver."""
 
@@ -103,6 +148,8 @@ class Settings(BaseSettings):
     imap: IMAPSettings = IMAPSettings()
     pop3: POP3Settings = POP3Settings()
     dns: DNSSettings = DNSSettings()
+    submission: SubmissionSettings = SubmissionSettings()
+    outbound: OutboundSettings = OutboundSettings()
 
     @field_validator("hostname")
     @classmethod
@@ -158,6 +205,10 @@ class Settings(BaseSettings):
     @property
     def queue_dir(self) -> Path:
         return self.data_dir / "queue"
+
+    @property
+    def dkim_dir(self) -> Path:
+        return self.data_dir / "dkim"
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets masked, derived paths filled."""
