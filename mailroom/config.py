@@ -108,7 +108,9 @@ class OutboundSettings(_Section):
     """The outbound queue runner."""
 
     # Waits before the 1st, 2nd, ... retry; after the last, ``retry_interval_seconds``.
-    retry_schedule_seconds: list[float] = Field(default_factory=lambda: [60, 300, 1800, 3600])
+    retry_schedule_seconds: list[float] = Field(
+        default_factory=lambda: [60.0, 300.0, 1800.0, 3600.0]
+    )
     retry_interval_seconds: float = Field(default=3600, ge=1)
     give_up_seconds: float = Field(default=5 * 86400, ge=60)
     delay_warning_seconds: float = Field(default=4 * 3600, ge=0)  # 0: no delay warning

@@ -326,6 +326,132 @@ def index_rebuild(address: str) -> None:
     )
 
 
+# -- dkim ------------------------------------------------------------------------------------
+
+
+@cli.group("dkim")
+def dkim_group() -> None:
+    """Create and show the DKIM keys that sign the mail a domain sends."""
+
+
+@dkim_group.command("generate")
+@click.argument("domain_name", metavar="DOMAIN")
+def dkim_generate(domain_name: str) -> None:
+    """Create an RSA-2048 and an Ed25519 key for DOMAIN and print their DNS records."""
+    from mailroom import dkim
+
+    settings = load_settings()
+    name = normalise_domain(domain_name)
+    with _accounts(settings) as accounts:
+        if name not in accounts.list_domains():
+            raise NotFoundError(f"domain {_show_domain(name)} is not a local domain; add it first")
+    settings.dkim_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _become_owner(settings.data_dir)
+    keys = dkim.generate(settings.dkim_dir, name)
+    click.echo(f"created {len(keys)} DKIM key(s) for {_show_domain(name)}; publish in DNS:")
+    for record, value in dkim.dns_records(keys):
+        click.echo(f"{record}. IN TXT {_txt(value)}")
+
+
+@dkim_group.command("show")
+@click.argument("domain_name", metavar="DOMAIN")
+def dkim_show(domain_name: str) -> None:
+    """Print the DNS TXT records of DOMAIN's DKIM keys."""
+    from mailroom import dkim
+
+    settings = load_settings()
+    name = normalise_domain(domain_name)
+    keys = dkim.load_keys(settings.dkim_dir, name)
+    if not keys:
+        raise NotFoundError(
+            f"{_show_domain(name)} has no DKIM keys; create them: {PROG} dkim generate {name}"
+        )
+    for record, value in dkim.dns_records(keys):
+        click.echo(f"{record}. IN TXT {_txt(value)}")
+
+
+# -- queue -----------------------------------------------------------------------------------
+
+
+@cli.group("queue")
+def queue_group() -> None:
+    """Look at and act on the outbound queue (mail waiting to be sent)."""
+
+
+@queue_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def queue_list(as_json: bool) -> None:
+    """Every queued message: id, sender, recipients, attempts, next try, last error."""
+    from mailroom import deliver
+
+    rows = deliver.queue_rows(load_settings())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if not rows:
+        click.echo("the queue is empty")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "sender", "recipient", "state", "attempts", "next try", "last error")
+    for row in rows:
+        for n, rcpt in enumerate(row["recipients"]):
+            table.add_row(
+                row["id"] if n == 0 else "",
+                (row["sender"] or "<>") if n == 0 else "",
+                rcpt["address"],
+                rcpt["state"],
+                str(rcpt["attempts"]),
+                _when(rcpt["next_attempt"]) if rcpt["state"] in ("pending", "deferred") else "",
+                rcpt["last_error"][:80],
+            )
+    Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
+
+
+@queue_group.command("flush")
+def queue_flush() -> None:
+    """Retry every deferred message now."""
+    from mailroom import deliver
+
+    count = deliver.flush(load_settings())
+    click.echo(f"{count} message(s) due now; mailroom-deliver sends them")
+
+
+@queue_group.command("delete")
+@click.argument("queue_id", metavar="ID")
+def queue_delete(queue_id: str) -> None:
+    """Remove message ID from the queue without a bounce."""
+    from mailroom import deliver
+
+    deliver.delete(load_settings(), queue_id)
+    click.echo(f"deleted {queue_id}")
+
+
+@queue_group.command("bounce")
+@click.argument("queue_id", metavar="ID")
+def queue_bounce(queue_id: str) -> None:
+    """Give up on message ID now and send the sender a bounce."""
+    from mailroom import deliver
+
+    deliver.bounce(load_settings(), queue_id)
+    click.echo(f"bounced {queue_id}")
+
+
+def _when(timestamp: float) -> str:
+    import time
+
+    left = timestamp - time.time()
+    if left <= 0:
+        return "now"
+    return f"in {int(left // 60)} min" if left < 3600 else f"in {left / 3600:.1f} h"
+
+
+def _txt(value: str) -> str:
+    """A TXT value in zone-file form: strings of at most 255 octets (RFC 1035 3.3.14)."""
+    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
+
+
 def _become_owner(path: Path) -> None:
     """Run as the owner of ``path`` when started as root, so that every file the command
     writes (index, uidlists) belongs to the user the mail services run as."""

@@ -67,8 +67,15 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
     """aiosmtpd's protocol with mailroom's limits, reply codes and timeouts."""
 
     def __init__(
-        self, handler: InboundHandler, settings: Settings, tls: ssl.SSLContext | None
+        self,
+        handler: Any,
+        settings: Settings,
+        tls: ssl.SSLContext | None,
+        *,
+        timeout: float | None = None,
+        **options: Any,
     ) -> None:
+        """``options`` go to aiosmtpd (the submission server's AUTH settings)."""
         # The stream reader's limit also sets its flow control (pause above twice the limit):
         # a 1001-octet limit would pause and resume the socket every 2 KB of DATA. So the
         # reader gets 64 KiB (still bounded memory for a line without CRLF) and aiosmtpd
@@ -82,8 +89,9 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
             hostname=settings.hostname,
             ident="ESMTP mailroom",
             tls_context=tls,
-            timeout=settings.smtp.timeout_seconds,
+            timeout=timeout or settings.smtp.timeout_seconds,
             loop=asyncio.get_running_loop(),
+            **options,
         )
         # RFC 5321 4.5.3.1.6: 1000 octets per line including CRLF, plus the transparency dot.
         self.max_line_length = settings.smtp.max_line_length

@@ -55,6 +55,14 @@ def test_bin_dev_runs_and_delivers(tmp_path: Path) -> None:
         pop.pass_(password)
         assert pop.stat()[0] == 1
         pop.quit()
+        with smtplib.SMTP_SSL("127.0.0.1", 2465 + offset, context=context) as sender:
+            sender.login("demo@example.test", password)
+            sender.sendmail(
+                "demo@example.test",
+                ["demo@example.test"],
+                b"From: demo@example.test\r\nSubject: to myself\r\n\r\nhi\r\n",
+            )
+        assert len(list(new.iterdir())) == 2
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
         proc.wait(30)

@@ -35,10 +35,11 @@ def test_systemd_analyze_verify_is_silent(tmp_path: Path) -> None:
 
 
 def test_socket_names_match_the_programs() -> None:
-    from mailroom import imapd, pop3d, smtpd
+    from mailroom import imapd, pop3d, smtpd, submission
 
     served = {
         "mailroom-smtpd.service": set(smtpd.ENDPOINT_NAMES),
+        "mailroom-submission.service": set(submission.ENDPOINT_NAMES),
         "mailroom-imapd.service": set(imapd.ENDPOINT_NAMES),
         "mailroom-pop3d.service": set(pop3d.ENDPOINT_NAMES),
     }
