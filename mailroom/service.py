@@ -52,9 +52,10 @@ def run(
     count, capacity = workers(settings) if workers is not None else (1, 0)
     if count <= 1:
         return _serve(program, serve, settings, sockets)
-    share_counts(SharedCounts(capacity))
+    counts = SharedCounts(capacity)
+    share_counts(counts)
     log.info("starting %d worker processes", count)
-    return run_workers(count, lambda: _serve(program, serve, settings, sockets))
+    return run_workers(count, lambda: _serve(program, serve, settings, sockets), counts)
 
 
 def _serve(program: str, serve: Serve, settings: Settings, sockets: Sockets) -> int:

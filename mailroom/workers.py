@@ -19,110 +19,164 @@ exits when nobody is connected, exactly as with one process.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
 import signal
 import struct
+import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 log = logging.getLogger(__name__)
 
 RESTARTS = 10  # crashed workers started again per minute, at most
-_HEADER = struct.Struct("=q")  # total open connections
-_SLOT = struct.Struct("=i46s")  # open connections of one address; the address (ASCII)
+MAX_WORKERS = 64
+_TOTALS = struct.Struct(f"={MAX_WORKERS}q")  # open connections of each worker
+_SLOT = struct.Struct("=ii46s")  # worker, its open connections from one address, the address
 
 
 class SharedCounts:
     """Open connections in all and per address, shared by the workers of one service.
 
-    Per-address counts live in an open-addressing table with room for ``capacity``
-    addresses (at most one per open connection, so ``capacity`` is the connection limit);
-    a slot whose count is back to zero is free again.
+    Each worker counts its own (``worker`` is set in the child after the fork), so that
+    ``forget(worker)`` can drop exactly the connections of a worker that died without
+    releasing them. Per (worker, address) counts live in an open-addressing table with room
+    for ``capacity`` entries per worker; a slot whose count is back to zero is free again.
+    The lock is an ``fcntl`` record lock on an unlinked file: the kernel releases it when its
+    holder dies, so a worker killed inside it cannot stop the others.
     """
 
     def __init__(self, capacity: int) -> None:
-        import multiprocessing  # only services with several workers pay for the import
-
+        self.worker = 0
         self.slots = 1
-        while self.slots < 2 * capacity:
+        while self.slots < 2 * capacity * 2:
             self.slots *= 2
-        self._lock: AbstractContextManager[object] = multiprocessing.get_context("fork").Lock()
-        self._map = mmap.mmap(-1, _HEADER.size + self.slots * _SLOT.size, flags=mmap.MAP_SHARED)
+        self._map = mmap.mmap(-1, _TOTALS.size + self.slots * _SLOT.size, flags=mmap.MAP_SHARED)
+        self._lock_file = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the counts
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self._lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._lock_file, fcntl.LOCK_UN)
 
     @property
     def total(self) -> int:
-        with self._lock:
-            return int(_HEADER.unpack_from(self._map, 0)[0])
+        with self._locked():
+            return sum(_TOTALS.unpack_from(self._map, 0))
 
     def admit(self, peer: str, max_total: int, max_per_peer: int) -> bool:
         """Count one more connection from ``peer`` if both limits allow it."""
-        key = peer.encode("ascii", "replace")[: _SLOT.size - 4]
-        with self._lock:
-            (total,) = _HEADER.unpack_from(self._map, 0)
-            if total >= max_total:
+        key = _key(peer)
+        with self._locked():
+            totals = list(_TOTALS.unpack_from(self._map, 0))
+            if sum(totals) >= max_total:
                 return False
-            offset = self._find(key)
-            count, _ = _SLOT.unpack_from(self._map, offset)
-            if count >= max_per_peer:
+            mine, of_peer = self._find(key)
+            if of_peer >= max_per_peer:
                 return False
-            _SLOT.pack_into(self._map, offset, count + 1, key)
-            _HEADER.pack_into(self._map, 0, total + 1)
+            _, count, _ = _SLOT.unpack_from(self._map, mine)
+            _SLOT.pack_into(self._map, mine, self.worker, count + 1, key)
+            totals[self.worker] += 1
+            _TOTALS.pack_into(self._map, 0, *totals)
             return True
 
     def release(self, peer: str) -> None:
-        key = peer.encode("ascii", "replace")[: _SLOT.size - 4]
-        with self._lock:
-            (total,) = _HEADER.unpack_from(self._map, 0)
-            offset = self._find(key)
-            count, _ = _SLOT.unpack_from(self._map, offset)
-            if count > 0:
-                _SLOT.pack_into(self._map, offset, count - 1, key)
-            _HEADER.pack_into(self._map, 0, max(total - 1, 0))
+        key = _key(peer)
+        with self._locked():
+            mine, _ = self._find(key)
+            _, count, _ = _SLOT.unpack_from(self._map, mine)
+            if count <= 0:
+                return
+            _SLOT.pack_into(self._map, mine, self.worker, count - 1, key)
+            totals = list(_TOTALS.unpack_from(self._map, 0))
+            totals[self.worker] = max(totals[self.worker] - 1, 0)
+            _TOTALS.pack_into(self._map, 0, *totals)
 
-    def _find(self, key: bytes) -> int:
-        """The slot of ``key``: its own, else the first free one on its probe path."""
-        padded = key.ljust(_SLOT.size - 4, b"\0")
+    def forget(self, worker: int) -> None:
+        """Drop every connection ``worker`` counted (it has exited)."""
+        with self._locked():
+            totals = list(_TOTALS.unpack_from(self._map, 0))
+            totals[worker] = 0
+            _TOTALS.pack_into(self._map, 0, *totals)
+            for i in range(self.slots):
+                offset = _TOTALS.size + i * _SLOT.size
+                owner, count, key = _SLOT.unpack_from(self._map, offset)
+                if owner == worker and count:
+                    _SLOT.pack_into(self._map, offset, owner, 0, key)
+
+    def _find(self, key: bytes) -> tuple[int, int]:
+        """(the slot of this worker for ``key``, or the first free one on the probe path;
+        the connections from ``key`` counted by all workers)."""
         start = hash(key) & (self.slots - 1)  # same hash in every worker: forked, one seed
-        free = -1
+        mine = free = -1
+        of_peer = 0
         for i in range(self.slots):
-            offset = _HEADER.size + ((start + i) & (self.slots - 1)) * _SLOT.size
-            count, name = _SLOT.unpack_from(self._map, offset)
-            if name == padded:
-                return offset
-            if count == 0 and free < 0:
+            offset = _TOTALS.size + ((start + i) & (self.slots - 1)) * _SLOT.size
+            owner, count, name = _SLOT.unpack_from(self._map, offset)
+            if name == key:
+                of_peer += count
+                if owner == self.worker:
+                    mine = offset
+            elif count == 0 and free < 0:
                 free = offset
-            if name == b"\0" * len(padded):  # never used: the key is not further on
+            if not name.strip(b"\0"):  # never used: the key is not further on
+                if free < 0:
+                    free = offset
                 break
-        if free < 0:  # pragma: no cover - capacity is twice the connection limit
-            raise RuntimeError("connection table full")
-        return free
+        if mine < 0:
+            if free < 0:  # pragma: no cover - room for twice every worker's limit
+                raise RuntimeError("connection table full")
+            mine = free
+        return mine, of_peer
 
 
-def run_workers(count: int, child: Callable[[], int]) -> int:
-    """Run ``child`` in ``count`` forked processes until all have exited; the exit status."""
+def _key(peer: str) -> bytes:
+    return peer.encode("ascii", "replace")[: _SLOT.size - 8].ljust(_SLOT.size - 8, b"\0")
+
+
+def run_workers(count: int, child: Callable[[], int], counts: SharedCounts | None = None) -> int:
+    """Run ``child`` in ``count`` forked processes until all have exited; the exit status.
+
+    With ``counts``, each worker counts as its own index, and the connections of a worker
+    that has exited are forgotten.
+    """
+    count = min(count, MAX_WORKERS)
     workers: dict[int, int] = {}  # pid -> index
     stopping = False
     restarts: list[float] = []
     status = 0
 
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+
     def spawn(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = child()
-            except BaseException:
-                log.exception("worker %d failed", index)
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        workers[pid] = index
+        # A stop signal must find every worker in ``workers``: none is delivered between
+        # the fork and the pid's recording (the child resets its handlers, then unblocks).
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                    if counts is not None:
+                        counts.worker = index
+                    code = child()
+                except BaseException:
+                    log.exception("worker %d failed", index)
+                finally:
+                    logging.shutdown()
+                    os._exit(code)
+            workers[pid] = index
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -134,6 +188,8 @@ def run_workers(count: int, child: Callable[[], int]) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for index in range(count):
+            if stopping:
+                break
             spawn(index)
         while workers:
             try:
@@ -141,13 +197,15 @@ def run_workers(count: int, child: Callable[[], int]) -> int:
             except ChildProcessError:  # pragma: no cover - none left
                 break
             index = workers.pop(pid)
+            if counts is not None:
+                counts.forget(index)  # a worker that died may not have released its own
             code = os.waitstatus_to_exitcode(wait_status)
             if code == 0 or stopping:
                 continue  # idle exit, or told to stop
             log.error("worker %d exited with status %d", index, code)
             now = time.monotonic()
             restarts[:] = [t for t in restarts if now - t < 60] + [now]
-            if workers and len(restarts) <= RESTARTS:
+            if workers and not stopping and len(restarts) <= RESTARTS:
                 spawn(index)  # the others still serve: keep the service at full strength
             else:
                 status = status or (code if code > 0 else 1)

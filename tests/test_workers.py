@@ -237,12 +237,6 @@ def test_counts_follow_a_model_through_collisions_and_reuse() -> None:
         assert counts.total == model.total()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the connections of a worker that died stay counted (workers.py run_workers "
-    "restarts it but nothing releases its SharedCounts entries), so the service never idles "
-    "and the limits shrink until every worker has exited",
-)
 def test_the_connections_of_a_crashed_worker_are_not_counted_forever(
     forks: Forks, tmp_path: Path
 ) -> None:
@@ -254,7 +248,7 @@ def test_the_connections_of_a_crashed_worker_are_not_counted_forever(
             os.kill(os.getpid(), signal.SIGKILL)  # dies mid-session (OOM killer, segfault)
         return 0
 
-    forks.wait(forks.start(lambda: run_workers(2, child)))
+    forks.wait(forks.start(lambda: run_workers(2, child, counts)))
     assert counts.total == 0
 
 
@@ -317,13 +311,6 @@ def test_a_stop_signal_to_the_parent_reaches_every_worker(
     assert forks.wait(parent) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: run_workers registers a worker's pid only after os.fork returned, and its "
-    "start loop does not look at `stopping`: a stop signal handled in between is passed to "
-    "none of the workers started from then on, and the parent waits for them",
-)
 def test_a_stop_signal_while_starting_the_workers_reaches_them_all(
     forks: Forks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
