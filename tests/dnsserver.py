@@ -1,0 +1,257 @@
+"""A real authoritative DNS server on loopback for tests: Knot DNS (``knotd``, Debian ``knot``).
+
+``DnsServer`` writes a ``knot.conf`` and zone files into a temporary directory, runs ``knotd``
+in the foreground on ``127.0.0.1`` and a free port (UDP and TCP), and waits until it answers.
+``set_zone`` publishes a zone (new or changed) and returns once the new serial is served, so a
+test can query it straight away. ``address`` ("127.0.0.1:PORT") is what goes into
+``[dns] nameservers``. The process is always killed at the end, also when a test fails.
+
+    with DnsServer() as dns:
+        dns.set_zone("example.test", [("@", "MX", "10 mx.example.test."),
+                                      ("mx", "A", "127.0.0.1")])
+        # or zone-file lines, names relative to the origin:
+        dns.set_zone("example.test", ["@ 300 IN MX 10 mx.example.test."])
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
+KNOTC = shutil.which("knotc") or "/usr/sbin/knotc"
+TTL = 300
+Record = tuple[str, str, str] | str
+
+
+def free_udp_tcp_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (knotd listens on both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise OSError("no port free for both UDP and TCP")
+
+
+class DnsServer:
+    """knotd serving the zones given to ``set_zone`` on 127.0.0.1:``port``."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_udp_tcp_port()
+        self.zones: dict[str, list[Record]] = {}
+        self._serials = itertools.count(int(time.time()))  # only ever grows
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        """``ip:port``, as ``DNSSettings.nameservers`` takes it."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def dir(self) -> Path:
+        assert self._tmp is not None, "the server is not running"
+        return Path(self._tmp.name)
+
+    @property
+    def conf(self) -> Path:
+        return self.dir / "knot.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "knotd.log"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self._tmp else ""
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="knot-")
+        (self.dir / "zones").mkdir()
+        self._write_conf()
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                [KNOTD, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            self._wait(lambda: self._query(".", "SOA") is not None, "knotd to answer")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            self._proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> DnsServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- zones -----------------------------------------------------------------------------------
+
+    def set_zone(self, origin: str, records: Sequence[Record]) -> None:
+        """Publish ``origin`` with ``records`` in place of what it had, and wait until it is served.
+
+        A record is ``(name, type, value)`` (name relative to the origin, ``@`` for the apex;
+        value in zone-file syntax, e.g. ``"10 mx.example.test."`` or ``'"v=spf1 -all"'``) or a
+        whole zone-file line (``"mx 300 IN A 127.0.0.1"``). SOA and NS are added.
+        """
+        origin = origin.strip().rstrip(".").lower()
+        new = origin not in self.zones
+        self.zones[origin] = list(records)
+        serial = next(self._serials)
+        lines = [
+            f"$ORIGIN {origin}.",
+            f"$TTL {TTL}",
+            f"@ {TTL} IN SOA ns.{origin}. hostmaster.{origin}. {serial} 3600 600 86400 60",
+            f"@ {TTL} IN NS localhost.",
+        ]
+        for record in records:
+            if isinstance(record, str):
+                lines.append(record)
+            else:
+                name, rdtype, value = record
+                lines.append(f"{name} {TTL} IN {rdtype.upper()} {value}")
+        zone_file = self.dir / "zones" / f"{origin}.zone"
+        tmp = zone_file.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(zone_file)
+        log_start = self.log_path.stat().st_size
+        if new:
+            self._write_conf()
+            self._knotc("reload")
+        else:
+            self._knotc("zone-reload", f"{origin}.")
+
+        def loaded() -> bool:
+            if self.serial(origin) == serial:
+                return True
+            with self.log_path.open("rb") as log:
+                log.seek(log_start)
+                errors = [
+                    line
+                    for line in log.read().decode(errors="replace").splitlines()
+                    if f"[{origin}.]" in line and " error: " in line
+                ]
+            if errors:
+                raise ValueError(f"knotd rejected zone {origin}:\n" + "\n".join(errors))
+            return False
+
+        self._wait(loaded, f"serial {serial} of {origin}")
+
+    def serial(self, origin: str) -> int | None:
+        """The SOA serial the server answers for ``origin`` (None: it does not serve it)."""
+        response = self._query(origin, "SOA")
+        if response is None or response.rcode() != dns.rcode.NOERROR or not response.answer:
+            return None
+        return int(response.answer[0][0].serial)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _write_conf(self) -> None:
+        d = self.dir
+        zones = "".join(f"  - domain: {origin}.\n" for origin in sorted(self.zones))
+        conf = (
+            "server:\n"
+            f"  rundir: {d}\n"
+            "  user: root:root\n"
+            f"  listen: {self.host}@{self.port}\n"
+            "  udp-workers: 1\n"
+            "  tcp-workers: 1\n"
+            "  background-workers: 1\n"
+            "control:\n"
+            f"  listen: {d / 'knot.sock'}\n"
+            "database:\n"
+            f"  storage: {d}\n"
+            "log:\n"
+            "  - target: stderr\n"
+            "    any: info\n"
+            "template:\n"
+            "  - id: default\n"
+            f"    storage: {d / 'zones'}\n"
+            '    file: "%s.zone"\n'
+            "    zonefile-sync: -1\n"
+            "    zonefile-load: whole\n"
+            "    journal-content: none\n"
+            "    semantic-checks: off\n" + (f"zone:\n{zones}" if zones else "")
+        )
+        tmp = self.conf.with_suffix(".tmp")
+        tmp.write_text(conf)
+        tmp.replace(self.conf)
+
+    def _knotc(self, *args: str) -> None:
+        result = subprocess.run(
+            [KNOTC, "-c", str(self.conf), "-s", str(self.dir / "knot.sock"), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"knotc {' '.join(args)} failed: {result.stdout}{result.stderr}\n{self.output()}"
+            )
+
+    def _query(self, name: str, rdtype: str) -> dns.message.Message | None:
+        query = dns.message.make_query(name, dns.rdatatype.from_text(rdtype))
+        try:
+            return dns.query.udp(query, self.host, timeout=0.2, port=self.port)
+        except (dns.exception.DNSException, OSError):
+            return None
+
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"knotd exited ({self._proc.returncode}):\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout} s for {what}:\n{self.output()}")
+            time.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def dns_server() -> Iterator[DnsServer]:
+    """A knotd on loopback; each test publishes the zones it needs with ``set_zone``."""
+    if not Path(KNOTD).exists():
+        pytest.skip("knotd is not installed (Debian package knot)")
+    with DnsServer() as server:
+        yield server
