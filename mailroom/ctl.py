@@ -394,7 +394,10 @@ def queue_list(as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "sender", "recipient", "state", "attempts", "next try", "last error")
+    table = Table()
+    for column in ("id", "sender", "recipient", "state", "attempts", "next try"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("last error")
     for row in rows:
         for n, rcpt in enumerate(row["recipients"]):
             table.add_row(

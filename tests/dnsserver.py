@@ -252,6 +252,6 @@ class DnsServer:
 def dns_server() -> Iterator[DnsServer]:
     """A knotd on loopback; each test publishes the zones it needs with ``set_zone``."""
     if not Path(KNOTD).exists():
-        pytest.skip("knotd is not installed (Debian package knot)")
+        pytest.fail("knotd is not installed (Debian package knot; bin/test installs it)")
     with DnsServer() as server:
         yield server
