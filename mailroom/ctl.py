@@ -417,7 +417,9 @@ def queue_flush() -> None:
     """Retry every deferred message now."""
     from mailroom import deliver
 
-    count = deliver.flush(load_settings())
+    settings = load_settings()
+    _become_owner(settings.data_dir)
+    count = deliver.flush(settings)
     click.echo(f"{count} message(s) due now; mailroom-deliver sends them")
 
 
@@ -427,7 +429,9 @@ def queue_delete(queue_id: str) -> None:
     """Remove message ID from the queue without a bounce."""
     from mailroom import deliver
 
-    deliver.delete(load_settings(), queue_id)
+    settings = load_settings()
+    _become_owner(settings.data_dir)
+    deliver.delete(settings, queue_id)
     click.echo(f"deleted {queue_id}")
 
 
@@ -437,7 +441,9 @@ def queue_bounce(queue_id: str) -> None:
     """Give up on message ID now and send the sender a bounce."""
     from mailroom import deliver
 
-    deliver.bounce(load_settings(), queue_id)
+    settings = load_settings()
+    _become_owner(settings.data_dir)  # the bounce may go into a local sender's Maildir
+    deliver.bounce(settings, queue_id)
     click.echo(f"bounced {queue_id}")
 
 
