@@ -62,7 +62,7 @@ def test_bin_dev_runs_and_delivers(tmp_path: Path) -> None:
                 ["demo@example.test"],
                 b"From: demo@example.test\r\nSubject: to myself\r\n\r\nhi\r\n",
             )
-        assert len(list(new.iterdir())) == 2
+        assert len([*new.iterdir(), *new.with_name("cur").iterdir()]) == 2  # one seen by IMAP
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
         proc.wait(30)
