@@ -29,6 +29,18 @@ Every error mailroom raises on purpose is a ``MailroomError``; anything else is 
         └── MailboxInUseError         another POP3 session holds the mailbox (POP3 [IN-USE])
 
 The store raises ``QuotaExceededError`` too, for an APPEND or COPY over the user's quota.
+
+Sending defines its errors beside the code that raises them, in the same tree:
+
+    MailroomError
+    ├── QueueError (mailroom.queue)       the outbound queue
+    │   ├── InvalidQueueIdError           an id that is not a queue id (never a path)
+    │   ├── MessageNotFoundError          no such queued message
+    │   └── CorruptMessageError           its state file was unreadable and moved aside
+    ├── DkimError (mailroom.dkim)         keys cannot be made, read or used
+    ├── DnsTemporaryError (mailroom.resolver)  SERVFAIL, timeout: try again later
+    ├── DnsPermanentError (mailroom.resolver)  a malformed name
+    └── PolicyError (mailroom.mtasts)     an MTA-STS policy that cannot be fetched or parsed
 """
 
 from __future__ import annotations
