@@ -2,7 +2,8 @@
 
 Both servers get the same 10,000-message Maildir (mailroom writes it; Dovecot reads a copy),
 both over implicit TLS with the same certificate, and the same 10 concurrent imaplib clients.
-Each phase runs on all clients at once; the figure is operations per second over the phase.
+Each phase runs on all clients at once, long enough (about a second or more) for a stable
+figure; the figure is operations per second over the phase.
 Dovecot is Debian's dovecot-imapd, run by this benchmark as root in a private directory on a
 loopback port, never touching the system's own configuration.
 """
@@ -88,7 +89,7 @@ def _workload(port: int, context: ssl.SSLContext, count: int) -> dict[str, float
     _check(lone.select("INBOX"))
     figures[f"SELECT of {count} messages, one client (ms)"] = (time.perf_counter() - start) * 1000
     lone.logout()
-    figures["SELECT"] = _phase(clients, 3, lambda c, i: _check(c.select("INBOX")))
+    figures["SELECT"] = _phase(clients, 5, lambda c, i: _check(c.select("INBOX")))
     figures["FETCH 1:* (FLAGS)"] = _phase(
         clients, 2, lambda c, i: _check(c.fetch("1:*", "(FLAGS)"))
     )
@@ -97,11 +98,11 @@ def _workload(port: int, context: ssl.SSLContext, count: int) -> dict[str, float
         first = 1 + (i * 997) % (count - 100)
         _check(c.fetch(f"{first}:{first + 99}", "(ENVELOPE)"))
 
-    figures["FETCH 100 (ENVELOPE)"] = _phase(clients, 5, envelopes)
+    figures["FETCH 100 (ENVELOPE)"] = _phase(clients, 15, envelopes)
     figures["FETCH BODY.PEEK[] (one message)"] = _phase(
-        clients, 20, lambda c, i: _check(c.fetch(str(1 + (i * 7919) % count), "(BODY.PEEK[])"))
+        clients, 60, lambda c, i: _check(c.fetch(str(1 + (i * 7919) % count), "(BODY.PEEK[])"))
     )
-    figures["SEARCH UNSEEN"] = _phase(clients, 5, lambda c, i: _check(c.search(None, "UNSEEN")))
+    figures["SEARCH UNSEEN"] = _phase(clients, 20, lambda c, i: _check(c.search(None, "UNSEEN")))
     figures["SEARCH SUBJECT (all messages)"] = _phase(
         clients, 1, lambda c, i: _check(c.search(None, "SUBJECT", f'"message {i}99"'))
     )
@@ -112,7 +113,7 @@ def _workload(port: int, context: ssl.SSLContext, count: int) -> dict[str, float
             c.store(f"{first}:{first + 19}", "+FLAGS" if i % 2 == 0 else "-FLAGS", "(\\Flagged)")
         )
 
-    figures["STORE 20 messages"] = _phase(clients, 10, store)
+    figures["STORE 20 messages"] = _phase(clients, 30, store)
 
     def idle(c: imaplib.IMAP4_SSL, i: int) -> None:
         tag = c._new_tag()
@@ -123,7 +124,7 @@ def _workload(port: int, context: ssl.SSLContext, count: int) -> dict[str, float
         while not c.readline().startswith(tag):
             pass
 
-    figures["IDLE + DONE"] = _phase(clients, 10, idle)
+    figures["IDLE + DONE"] = _phase(clients, 50, idle)
     for client in clients:
         client.logout()
     return figures
