@@ -1448,14 +1448,18 @@ class MailStore:
         last: dict[int, MessageInfo] = {}
         if base is not None and base.snapshot.uidvalidity == box.uidvalidity:
             last = {m.uid: m for m in base.snapshot.messages}
+        flag_sets: dict[str, frozenset[str]] = {}  # most messages share a few flag sets
         for uid, key, filename, flags, modseq, size, date, _, expunging in rows:
             if expunging:
                 return None
             info = last.get(uid)
             if info is None or info.modseq != modseq:
+                flag_set = flag_sets.get(flags)
+                if flag_set is None:
+                    flag_set = flag_sets[flags] = frozenset(flags.split())
                 info = MessageInfo(
                     uid,
-                    frozenset(flags.split()),
+                    flag_set,
                     modseq,
                     size,
                     datetime.fromtimestamp(date, UTC),
