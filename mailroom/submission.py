@@ -24,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import os
 import re
 import secrets
 import ssl
@@ -182,6 +183,7 @@ class SubmissionHandler(InboundHandler):
         super().__init__(settings, accounts)
         self.queue = queue
         self.throttle = AuthThrottle(accounts)
+        self._keys: dict[str, tuple[tuple[int, int], list[dkim.DkimKey]]] = {}
 
     async def authenticate(self, session: Session, username: str, password: str) -> User | None:
         check = throttled(self.accounts.verify_password, self.throttle, _peer(session))
@@ -264,9 +266,12 @@ class SubmissionHandler(InboundHandler):
         queue_id = new_queue_id()
         head = self.fix_header(head, session)
         message = self.received(server, session, queue_id) + head + body
-        message = self.sign(message, senders[0]) + message
-        now = time.time()
         loop = asyncio.get_running_loop()
+        # Signing is milliseconds of CPU (RSA): a worker thread, not the event loop.
+        message = (
+            await loop.run_in_executor(self.executor, self.sign, message, senders[0]) + message
+        )
+        now = time.time()
         try:
             if envelope.mailboxes:
                 targets = [(self._maildir(u), "") for u in envelope.mailboxes.values()]
@@ -338,11 +343,27 @@ class SubmissionHandler(InboundHandler):
             f" with {proto} id {queue_id}\r\n\t(authenticated as {user});\r\n\t{date}\r\n"
         ).encode("utf-8", "surrogateescape")
 
+    def keys(self, domain: str) -> list[dkim.DkimKey]:
+        """The DKIM keys of ``domain``, parsed once and again only when its key directory
+        changes (a new key, a rotation): parsing an RSA key costs milliseconds."""
+        directory = self.settings.dkim_dir / domain
+        try:
+            st = os.stat(directory)
+            stamp = (st.st_ino, st.st_mtime_ns)
+        except FileNotFoundError:
+            stamp = (0, 0)
+        cached = self._keys.get(domain)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        keys = dkim.load_keys(self.settings.dkim_dir, domain)
+        self._keys[domain] = (stamp, keys)
+        return keys
+
     def sign(self, message: bytes, sender: str) -> bytes:
         """The DKIM-Signature fields for ``message``, with the keys of the sender's domain."""
         domain = sender.rpartition("@")[2].lower()
         try:
-            keys = dkim.load_keys(self.settings.dkim_dir, normalise_domain(domain))
+            keys = self.keys(normalise_domain(domain))
         except (InvalidNameError, MailroomError, OSError) as err:
             log.error("no DKIM keys for %s: %s", domain, err)
             return b""
