@@ -453,7 +453,7 @@ def run(count: int = 2000) -> list[Row]:
             "ms",
         ),
         Row(
-            "outbound: DKIM load_keys, as submission does per message (ms)",
+            "outbound: DKIM load_keys (submission: once per domain) (ms)",
             ours["loading"],
             0.0,
             "none for DKIM (dkim.sign and dkim.load_keys timed in-process)",
