@@ -85,6 +85,8 @@ class SubmissionSettings(_Section):
     timeout_seconds: float = Field(default=300, ge=30)
     # Name the client's address in the Received: header (off: its address stays private).
     received_client_address: bool = False
+    # Processes serving the sockets (DKIM signing is CPU work); 0: one per CPU.
+    workers: int = Field(default=0, ge=0, le=64)
 
 
 class RelaySettings(_Section):

@@ -445,4 +445,11 @@ async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> No
 
 def main() -> int:
     """Entry point of ``mailroom-submission``."""
-    return run("mailroom-submission", _serve)
+    return run(
+        "mailroom-submission",
+        _serve,
+        workers=lambda s: (
+            s.submission.workers or os.cpu_count() or 1,
+            s.submission.max_connections,
+        ),
+    )

@@ -140,6 +140,18 @@ def _key(peer: str) -> bytes:
     return peer.encode("ascii", "replace")[: _SLOT.size - 8].ljust(_SLOT.size - 8, b"\0")
 
 
+def _die_with_parent(parent: int) -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM): a worker whose supervisor was killed stops too
+    (systemd would kill the cgroup anyway; mailroom's own activator relies on this)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl: stop now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_workers(count: int, child: Callable[[], int], counts: SharedCounts | None = None) -> int:
     """Run ``child`` in ``count`` forked processes until all have exited; the exit status.
 
@@ -153,6 +165,7 @@ def run_workers(count: int, child: Callable[[], int], counts: SharedCounts | Non
     status = 0
 
     stop_signals = {signal.SIGTERM, signal.SIGINT}
+    supervisor = os.getpid()
 
     def spawn(index: int) -> None:
         # A stop signal must find every worker in ``workers``: none is delivered between
@@ -165,6 +178,7 @@ def run_workers(count: int, child: Callable[[], int], counts: SharedCounts | Non
                 try:
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    _die_with_parent(supervisor)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                     if counts is not None:
                         counts.worker = index

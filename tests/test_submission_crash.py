@@ -4,11 +4,13 @@ never loses a message it acknowledged, and never leaves a half-written one in th
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
 import signal
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -45,9 +47,14 @@ def _session(server: Server) -> tuple[SMTPConversation, int]:
 
 
 def _kill(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
+    """SIGKILL the service: its worker processes first, then the parent (nothing graceful)."""
+    workers = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    pids = [int(p) for p in workers.split()] + [pid]
+    for victim in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
