@@ -253,6 +253,83 @@ def user_quota(address: str, size: int) -> None:
     click.echo(f"set the quota of {parse_address(address)} to {_show_size(size)}")
 
 
+# -- setup ---------------------------------------------------------------------------------
+
+
+@cli.command("setup")
+@click.option(
+    "--non-interactive", is_flag=True, help="Ask nothing; take every answer from options."
+)
+@click.option("--hostname", help="The mail host's fully qualified name (MX target, TLS name).")
+@click.option(
+    "--domain", "domain_name", help="The mail domain (default: hostname minus its first label)."
+)
+@click.option("--user", "user_address", help="The first user, user@domain.")
+@click.option(
+    "--data-dir", help="Where all state lives (default: the config's, or /var/lib/mailroom)."
+)
+@_password_stdin
+def setup_command(
+    non_interactive: bool,
+    hostname: str | None,
+    domain_name: str | None,
+    user_address: str | None,
+    data_dir: str | None,
+    password_stdin: bool,
+) -> int:
+    """First-run wizard: config, directories, domain and first user, DKIM, TLS, DNS records.
+
+    Safe to run again: whatever is done already is left as it is.
+    """
+    from dataclasses import replace
+
+    from mailroom import setup
+
+    path = config_path()
+    current = setup.current_config(path)
+    known_host = str(current.get("hostname") or "")
+    if known_host == setup.PLACEHOLDER_HOSTNAME:
+        known_host = ""
+    data_dir = data_dir or str(current.get("data_dir") or setup.DEFAULT_DATA_DIR)
+    if non_interactive:
+        if not hostname:
+            raise click.UsageError("--non-interactive needs --hostname")
+        if not user_address:
+            raise click.UsageError("--non-interactive needs --user")
+        host = setup.check_hostname(hostname)
+        answers = setup.checked(host, domain_name or setup.domain_of(host), user_address, data_dir)
+        exists = setup.user_exists(answers.data_dir, answers.user)
+        password = _read_password(True) if password_stdin else None
+        if password is None and not exists:
+            raise click.UsageError(f"--password-stdin is needed to add the user {answers.user}")
+        answers = replace(answers, password=password)
+    else:
+        if not sys.stdin.isatty():
+            raise click.UsageError("no terminal to ask questions on; use --non-interactive")
+        host = setup.check_hostname(
+            click.prompt(
+                "Host name", default=hostname or known_host or setup.default_hostname() or None
+            )
+        )
+        dom = click.prompt("Mail domain", default=domain_name or setup.domain_of(host))
+        dom = normalise_domain(dom)
+        login = os.environ.get("SUDO_USER") or os.environ.get("USER") or ""
+        local = login if login and login != "root" else "postmaster"
+        address = click.prompt("First user", default=user_address or f"{local}@{dom}")
+        answers = setup.checked(host, dom, address, data_dir)
+        change = False
+        if setup.user_exists(answers.data_dir, answers.user):
+            change = click.confirm(f"{answers.user} exists; set a new password?", default=False)
+            password = _read_password(password_stdin) if change else None
+        else:
+            password = _read_password(password_stdin)
+        answers = replace(answers, password=password, change_password=change)
+    _, logged_in = setup.run(answers, path, echo=click.echo, become_owner=_become_owner)
+    if not logged_in:
+        raise MailroomError(f"{answers.user} cannot log in with the password given")
+    return 0
+
+
 # -- alias -----------------------------------------------------------------------------------
 
 
