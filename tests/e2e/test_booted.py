@@ -146,8 +146,8 @@ def test_installed_package_serves_mail(box: Container) -> None:
         for _ in range(10):
             box.run("systemctl", "stop", *SERVICES)
             time.sleep(1)
-            state = box.run("systemctl", "is-active", "mailroom-imapd.service", check=False)
-            if state.stdout.strip() != "active":
+            imapd = box.run("systemctl", "is-active", "mailroom-imapd.service", check=False)
+            if imapd.stdout.strip() != "active":
                 break
         started_before = imapd_started(box)
 
