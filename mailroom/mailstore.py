@@ -42,6 +42,9 @@ What it promises
   an exclusive ``flock`` on ``mailroom-index.lock`` and a ``BEGIN IMMEDIATE`` transaction, and
   re-reads the rows it changes inside it; a file renamed by someone else is found again by its
   key. No update is lost, no UID is given twice, no message gets two UIDs.
+* STORE commits the index without waiting for the disk (the flags are in the renamed file
+  names; a commit lost to a power cut is read back from them by the next sync, with new
+  MODSEQs). Everything that assigns or removes a UID is fsync'd before it returns.
 * APPEND, COPY and MOVE are durable before they return (``maildir.deliver_all``: tmp, fsync,
   link, fsync the directory; then the directory the file was renamed or linked into).
 * EXPUNGE marks the messages in the index (commit), then unlinks the files and fsyncs the
@@ -710,19 +713,32 @@ class _Index:
         return int(version)
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """An exclusive write transaction: the lock file, then ``BEGIN IMMEDIATE``."""
+    def write(self, *, fsync: bool = True) -> Iterator[sqlite3.Connection]:
+        """An exclusive write transaction: the lock file, then ``BEGIN IMMEDIATE``.
+
+        ``fsync=False`` commits without waiting for the disk (SQLite ``synchronous=NORMAL``
+        in WAL mode: safe against a crash of the process, not against a power loss, until
+        the next commit that does fsync). Only for what the Maildir itself records, so that
+        a lost commit is found again by the next sync: flag changes, which live in the
+        file names.
+        """
         with self._flock():
             if self.moved():
                 self._open_locked()
             conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
+            if not fsync:
+                conn.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield conn
-            except BaseException:
-                _rollback(conn)
-                raise
-            conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    _rollback(conn)
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                if not fsync:
+                    conn.execute("PRAGMA synchronous = FULL")
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -1916,7 +1932,9 @@ class MailStore:
         UIDs that failed the UNCHANGEDSINCE test. Unknown UIDs are skipped."""
         folder = self._existing(name)
         wanted = normalise_flags(flags)
-        with self._index.write() as db:
+        # The new flags are in the renamed file names: a commit lost to a power cut is
+        # re-read from them by the next sync (with new MODSEQs), so no fsync waits here.
+        with self._index.write(fsync=False) as db:
             box = self._box_locked(db, folder)
             if mode != "-":
                 self._keywords_of(folder.path).allocate(wanted, self.maildir.fsync)
