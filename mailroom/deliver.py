@@ -52,9 +52,8 @@ import aiosmtplib
 from mailroom import dsn, mtasts
 from mailroom.accounts import Accounts
 from mailroom.addresses import parse_address
-from mailroom.config import Settings, load_settings
+from mailroom.config import Settings
 from mailroom.errors import DeliveryError, MailroomError
-from mailroom.logs import setup_logging
 from mailroom.maildir import Maildir, deliver_all
 from mailroom.queue import (
     CorruptMessageError,
@@ -68,10 +67,10 @@ from mailroom.queue import (
     next_attempt,
 )
 from mailroom.resolver import DnsPermanentError, DnsTemporaryError, MxKind, Resolver
+from mailroom.service import EX_CONFIG, failed, start
 
 log = logging.getLogger(__name__)
 
-EX_CONFIG = 78  # sysexits.h: configuration error
 PARALLEL = 10  # domains (and messages) worked on at once
 SMARTHOST = "[smarthost]"  # the route of every remote recipient when a relay is configured
 
@@ -812,20 +811,15 @@ def bounce(settings: Settings, queue_id: str, *, now: Callable[[], float] = time
 def main() -> int:
     """Entry point of ``mailroom-deliver``: deliver what is due, then exit."""
     program = "mailroom-deliver"
-    try:
-        settings = load_settings()
-    except MailroomError as err:
-        print(f"{program}: {err}", file=sys.stderr)
+    settings = start(program)
+    if settings is None:
         return EX_CONFIG
-    setup_logging(program, settings.log_level)
     try:
         queue = Queue(settings.queue_dir)
         with Accounts(settings.auth_db) as accounts:
             count = asyncio.run(Runner(settings, accounts, queue).run())
     except MailroomError as err:
-        log.error("%s", err)
-        print(f"{program}: {err}", file=sys.stderr)
-        return 1
+        return failed(program, err)
     log.info("%d message(s) worked on", count)
     return 0
 

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailroom.addresses import normalise_domain
 from mailroom.errors import MailroomError
+from mailroom.maildir import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def _make_dir(path: Path) -> None:
     except FileExistsError:
         return
     os.chmod(path, DIR_MODE)  # mkdir's mode is masked by the umask
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write(path: Path, data: bytes, mode: int, *, replace: bool = True) -> None:
@@ -312,12 +313,4 @@ def _write(path: Path, data: bytes, mode: int, *, replace: bool = True) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)

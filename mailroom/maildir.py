@@ -121,7 +121,8 @@ def validate_folder(folder: str) -> None:
         )
 
 
-def _fsync_dir(path: Path, fsync: FsyncFunc) -> None:
+def fsync_dir(path: Path, fsync: FsyncFunc = os.fsync) -> None:
+    """fsync a directory: the names created, renamed or removed in it are on disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fsync(fd)
@@ -197,13 +198,13 @@ class Maildir:
         try:
             changed = self._make_dirs(path)
             for sub in SUBDIRS:
-                if _mkdir(path / sub):
+                if make_dir(path / sub):
                     changed.add(path)
             if folder and _create_empty(path / FOLDER_MARKER):
                 changed.add(path)
             # A new directory entry is durable only once its parent is fsynced.
             for directory in sorted(changed, key=lambda p: len(p.parts), reverse=True):
-                _fsync_dir(directory, self.fsync)
+                fsync_dir(directory, self.fsync)
         except OSError as exc:
             raise _failed(self.root, f"creating {path}", exc) from exc
 
@@ -218,7 +219,7 @@ class Maildir:
             probe = probe.parent
         changed: set[Path] = set()
         for directory in reversed(missing):
-            if _mkdir(directory):
+            if make_dir(directory):
                 changed.add(directory.parent)
         return changed
 
@@ -262,7 +263,7 @@ class Maildir:
         return deliver_all([(self, folder)], message)[0]
 
 
-def _mkdir(path: Path) -> bool:
+def make_dir(path: Path) -> bool:
     """mkdir mode 0700; False if a directory is already there (races are fine)."""
     try:
         os.mkdir(path, DIR_MODE)
@@ -370,7 +371,7 @@ def deliver_all(
             to_sync.setdefault(folder_dir / "new", maildir)
         for directory, maildir in to_sync.items():
             try:
-                _fsync_dir(directory, maildir.fsync)
+                fsync_dir(directory, maildir.fsync)
             except OSError as exc:
                 raise _failed(maildir.root, f"fsync of {directory}", exc) from exc
     finally:

@@ -97,7 +97,7 @@ from mailroom.errors import (
 )
 from mailroom.imap.wire import MailboxNameError, decode_mailbox, encode_mailbox
 from mailroom.listings import LISTINGS, Listings
-from mailroom.maildir import FILE_MODE, Maildir, check_quota, deliver_all
+from mailroom.maildir import FILE_MODE, Maildir, check_quota, deliver_all, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -400,14 +400,6 @@ class Keywords:
 # -- small files written atomically ----------------------------------------------------------
 
 
-def _fsync_dir(path: Path, fsync: Callable[[int], None]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes, fsync: Callable[[int], None]) -> None:
     """Replace ``path`` with ``data``: write a temporary file, fsync, rename, fsync the dir."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
@@ -425,7 +417,7 @@ def _write_atomic(path: Path, data: bytes, fsync: Callable[[int], None]) -> None
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent, fsync)
+    fsync_dir(path.parent, fsync)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -678,7 +670,7 @@ class _Index:
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self.path}{suffix}")
-        _fsync_dir(self.path.parent, self.fsync)
+        fsync_dir(self.path.parent, self.fsync)
 
     def moved(self) -> bool:
         """True if the file is no longer the one open (another process replaced it)."""
@@ -1223,7 +1215,7 @@ class MailStore:
             # Out of sight atomically (a name no Maildir reader takes for a folder), then gone.
             trash = self.maildir.root / f"{TRASH_PREFIX}{secrets.token_hex(8)}"
             os.rename(folder.path, trash)
-            _fsync_dir(self.maildir.root, self.maildir.fsync)
+            fsync_dir(self.maildir.root, self.maildir.fsync)
             db.execute("DELETE FROM mailboxes WHERE name = ?", (folder.name,))
             special = self._special_use()
             if special.pop(folder.name, None) is not None:
@@ -1258,7 +1250,7 @@ class MailStore:
                 db.execute("UPDATE mailboxes SET name = ? WHERE name = ?", (to, frm))
                 self._cache.pop(frm, None)
                 self._cache.pop(to, None)
-            _fsync_dir(self.maildir.root, self.maildir.fsync)
+            fsync_dir(self.maildir.root, self.maildir.fsync)
             mapping = dict(renames)
             special = self._special_use()
             self._write_special_use({mapping.get(n, n): a for n, a in special.items()})
@@ -1668,8 +1660,8 @@ class MailStore:
                             self._unlink(directory / names[r.key])
                         removed_dir = True
             if removed_dir:
-                _fsync_dir(folder.cur, self.maildir.fsync)
-                _fsync_dir(folder.new, self.maildir.fsync)
+                fsync_dir(folder.cur, self.maildir.fsync)
+                fsync_dir(folder.new, self.maildir.fsync)
             db.executemany(
                 "DELETE FROM messages WHERE mailbox = ? AND uid = ?",
                 [(box.id, r.uid) for r in pending],
@@ -2112,8 +2104,8 @@ class MailStore:
             appended = _row(row)
             if appended.flags != wanted:  # another process moved it to cur/ first
                 self._store_locked(db, box, folder, [appended.uid], "", wanted)
-            _fsync_dir(folder.cur, self.maildir.fsync)  # the rename into cur/ is durable
-            _fsync_dir(folder.new, self.maildir.fsync)
+            fsync_dir(folder.cur, self.maildir.fsync)  # the rename into cur/ is durable
+            fsync_dir(folder.new, self.maildir.fsync)
         return box.uidvalidity, appended.uid
 
     @_guarded
@@ -2159,9 +2151,9 @@ class MailStore:
                 placed.append((r, key, filename))
                 if renamed:
                     moved.append(r)
-            _fsync_dir(target.cur, self.maildir.fsync)
+            fsync_dir(target.cur, self.maildir.fsync)
             if moved:
-                _fsync_dir(source.cur, self.maildir.fsync)
+                fsync_dir(source.cur, self.maildir.fsync)
             mapping = self._register_locked(db, dst_box, target, placed)
             if moved:
                 highest = self._bump(db, src_box)
@@ -2339,7 +2331,7 @@ class MailStore:
                 if found is not None:
                     with contextlib.suppress(FileNotFoundError):
                         self._unlink(folder.cur / found)
-        _fsync_dir(folder.cur, self.maildir.fsync)
+        fsync_dir(folder.cur, self.maildir.fsync)
         # Step 3: drop the rows (a sync after a crash before this point does it instead).
         with self._index.write() as db:
             db.executemany(
@@ -2369,7 +2361,7 @@ class MailStore:
                         if r.expunging and r.key in on_disk:
                             with contextlib.suppress(FileNotFoundError):
                                 self._unlink(folder.cur / on_disk[r.key])
-                    _fsync_dir(folder.cur, self.maildir.fsync)
+                    fsync_dir(folder.cur, self.maildir.fsync)
                 old[box.name] = UidList(
                     box.uidvalidity,
                     box.uidnext,

@@ -34,6 +34,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from mailroom.errors import MailroomError
+from mailroom.maildir import fsync_dir
 from mailroom.resolver import DnsPermanentError, DnsTemporaryError, Resolver
 
 log = logging.getLogger(__name__)
@@ -343,11 +344,7 @@ def _store(cache_dir: Path, domain: str, text: str, fetched: Policy, now: float)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
-        fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(cache_dir)
     except OSError as err:
         log.warning("MTA-STS: cannot cache the policy of %s in %s: %s", domain, path, err)
         with contextlib.suppress(OSError):

@@ -52,7 +52,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -60,12 +60,11 @@ from typing import Any, TypeVar
 
 from mailroom.config import OutboundSettings
 from mailroom.errors import DeliveryError, MailroomError
+from mailroom.maildir import FsyncFunc, fsync_dir, make_dir
 
 log = logging.getLogger(__name__)
 
-FsyncFunc = Callable[[int], None]
 
-DIR_MODE = 0o700
 FILE_MODE = 0o600
 ORPHAN_SECONDS = 3600.0  # an .eml without .json, or a tmp/ file, older than this is garbage
 FORMAT_VERSION = 1
@@ -274,7 +273,7 @@ class Queue:
                 _unlink_quietly(tmp)
                 raise
             step = "syncing the queue directory"
-            _fsync_dir(self.directory, self.fsync)
+            fsync_dir(self.directory, self.fsync)
         except OSError as exc:
             for path in created:  # .json first: an .eml alone is never sent
                 _unlink_quietly(path)
@@ -291,13 +290,13 @@ class Queue:
         if not self.directory.is_dir():
             missing = [p for p in [self.directory, *self.directory.parents] if not p.exists()]
             for path in reversed(missing):
-                if _mkdir(path):
+                if make_dir(path):
                     changed.add(path.parent)
         for sub in ("tmp", "lock"):
-            if _mkdir(self.directory / sub):
+            if make_dir(self.directory / sub):
                 changed.add(self.directory)
         for directory in sorted(changed, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(directory, self.fsync)
+            fsync_dir(directory, self.fsync)
 
     def _write_new_eml(self, data: bytes, now: float) -> tuple[str, Path]:
         """Write ``data`` to tmp/, fsync, hard-link it as ``{id}.eml`` under an unused id."""
@@ -356,7 +355,7 @@ class Queue:
                 _unlink_quietly(tmp)
                 raise
             step = "syncing the queue directory"
-            _fsync_dir(self.directory, self.fsync)
+            fsync_dir(self.directory, self.fsync)
         except OSError as exc:
             raise QueueError(f"{msg.id}: {step} failed: {_reason(exc)}") from exc
 
@@ -371,7 +370,7 @@ class Queue:
                 os.unlink(json_path)
             except FileNotFoundError:
                 raise MessageNotFoundError(f"{msg_id}: no such message in the queue") from None
-            _fsync_dir(self.directory, self.fsync)
+            fsync_dir(self.directory, self.fsync)
             _unlink_quietly(eml)
             # A process that opened this lock file before the unlink and locks it later finds
             # the message gone; a new lock file would belong to a message that no longer exists.
@@ -605,27 +604,6 @@ def _number(value: Any) -> float:
 
 
 # -- file system helpers ------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path, fsync: FsyncFunc) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _mkdir(path: Path) -> bool:
-    """mkdir mode 0700; False if a directory is already there (races are fine)."""
-    try:
-        os.mkdir(path, DIR_MODE)
-    except FileExistsError:
-        if not path.is_dir():
-            raise NotADirectoryError(
-                errno.ENOTDIR, "exists and is not a directory", str(path)
-            ) from None
-        return False
-    return True
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -39,16 +39,13 @@ def run(
 
     ``workers(settings)`` gives (how many processes, the service's connection limit).
     """
-    try:
-        settings = load_settings()
-    except MailroomError as err:
-        print(f"{program}: {err}", file=sys.stderr)
+    settings = start(program)
+    if settings is None:
         return EX_CONFIG
-    setup_logging(program, settings.log_level)
     try:
         sockets = inherited_sockets()
     except MailroomError as err:
-        return _failed(program, err)
+        return failed(program, err)
     count, capacity = workers(settings) if workers is not None else (1, 0)
     if count <= 1:
         return _serve(program, serve, settings, sockets)
@@ -58,16 +55,29 @@ def run(
     return run_workers(count, lambda: _serve(program, serve, settings, sockets), counts)
 
 
+def start(program: str) -> Settings | None:
+    """The settings, with logging set up for ``program``; None after saying on stderr what
+    is wrong with the configuration (the caller exits ``EX_CONFIG``)."""
+    try:
+        settings = load_settings()
+    except MailroomError as err:
+        print(f"{program}: {err}", file=sys.stderr)
+        return None
+    setup_logging(program, settings.log_level)
+    return settings
+
+
 def _serve(program: str, serve: Serve, settings: Settings, sockets: Sockets) -> int:
     try:
         with Accounts(settings.auth_db) as accounts:
             asyncio.run(serve(settings, accounts, sockets))
     except MailroomError as err:
-        return _failed(program, err)
+        return failed(program, err)
     return 0
 
 
-def _failed(program: str, err: MailroomError) -> int:
+def failed(program: str, err: MailroomError) -> int:
+    """Log and print ``err`` as ``program``'s one line; exit status 1."""
     log.error("%s", err)
     print(f"{program}: {err}", file=sys.stderr)
     return 1

@@ -32,6 +32,7 @@ from mailroom.accounts import Accounts
 from mailroom.addresses import normalise_domain, parse_address
 from mailroom.config import Settings, load_settings
 from mailroom.errors import InvalidNameError, MailroomError
+from mailroom.maildir import fsync_dir
 
 DEFAULT_DATA_DIR = Path("/var/lib/mailroom")
 PLACEHOLDER_HOSTNAME = "mail.example.org"  # what packaging/config.toml ships
@@ -227,7 +228,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _load(path: Path) -> Settings:
@@ -265,7 +266,7 @@ def make_dirs(data_dir: Path, echo: Echo) -> None:
     except OSError as err:
         raise MailroomError(f"cannot create {err.filename}: {err.strerror}") from None
     if made:
-        _fsync_dir(data_dir)
+        fsync_dir(data_dir)
         echo(f"done: created {', '.join(made)} in {data_dir}")
     else:
         echo(f"already: {data_dir} has {', '.join(SUBDIRS)}")
@@ -373,7 +374,7 @@ def make_certificate(settings: Settings, echo: Echo) -> None:
         key.parent.mkdir(mode=SUBDIR_MODE, parents=True, exist_ok=True)
         os.replace(tmp_key, key)  # the key first: a certificate in place means both are
         os.replace(tmp_cert, cert)
-    _fsync_dir(cert.parent)
+    fsync_dir(cert.parent)
     echo(
         f"done: made a self-signed TLS certificate for {host} ({cert});"
         " `mailroomctl tls issue` replaces it with a Let's Encrypt one"
@@ -435,11 +436,3 @@ def _listening(port: int, timeout: float = 0.3) -> bool:
             return True
     except OSError:
         return False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -116,17 +116,9 @@ class SubmissionSMTP(InboundSMTP):
 
     # RFC 4616: message = [authzid] NUL authcid NUL passwd
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            data = await self.challenge_auth("")
-            if data is MISSING:
-                return AuthResult(success=False)
-        else:
-            decoded = _b64(args[1])
-            if decoded is None:
-                await self.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
-            data = decoded
-        assert isinstance(data, bytes)
+        data = await self._response(args, "")
+        if isinstance(data, AuthResult):
+            return data
         fields = data.split(b"\0")
         if len(fields) != 3:
             await self.push("501 5.5.2 PLAIN needs authzid NUL authcid NUL password")
@@ -138,21 +130,29 @@ class SubmissionSMTP(InboundSMTP):
         return await self._check(login, password)
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if login is MISSING:
-                return AuthResult(success=False)
-        else:
-            decoded = _b64(args[1])
-            if decoded is None:
-                await self.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
-            login = decoded
+        login = await self._response(args, self.AuthLoginUsernameChallenge)
+        if isinstance(login, AuthResult):
+            return login
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False)
-        assert isinstance(login, bytes) and isinstance(password, bytes)
+        assert isinstance(password, bytes)
         return await self._check(login, password)
+
+    async def _response(self, args: list[str], challenge: str) -> bytes | AuthResult:
+        """The client's first response: on the AUTH line (RFC 4954 4, base64) or to
+        ``challenge``; an AuthResult when there is none to use (cancelled, bad base64)."""
+        if len(args) == 1:
+            data = await self.challenge_auth(challenge)
+            if data is MISSING:
+                return AuthResult(success=False)
+            assert isinstance(data, bytes)
+            return data
+        decoded = _b64(args[1])
+        if decoded is None:
+            await self.push("501 5.5.2 Cannot decode base64")
+            return AuthResult(success=False, handled=True)
+        return decoded
 
     async def _check(self, login: bytes, password: bytes) -> AuthResult:
         try:
@@ -189,19 +189,6 @@ class SubmissionHandler(InboundHandler):
         check = throttled(self.accounts.verify_password, self.throttle, _peer(session))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, check, username, password)
-
-    async def handle_EHLO(
-        self,
-        server: Any,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        size = f"250-SIZE {self.settings.message_size_limit}"
-        lines = [r for r in responses[:-1] if not r.startswith("250-SIZE")]
-        return [*lines, size, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_MAIL(
         self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
