@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import logging
 import os
 import re
-import secrets
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailroom.addresses import normalise_domain
 from mailroom.errors import MailroomError
-from mailroom.maildir import fsync_dir
+from mailroom.maildir import fsync_dir, write_file
 
 log = logging.getLogger(__name__)
 
@@ -291,26 +289,8 @@ def _write(path: Path, data: bytes, mode: int, *, replace: bool = True) -> None:
 
     With ``replace=False`` an existing ``path`` is never touched: ``DkimError`` instead.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # the tmp file has its final mode from the start: key material is never readable to others
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise DkimError(f"{path} exists already; not overwriting it") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    fsync_dir(path.parent)
+        write_file(path, data, mode, replace=replace)
+    except FileExistsError:
+        raise DkimError(f"{path} exists already; not overwriting it") from None

@@ -130,6 +130,39 @@ def fsync_dir(path: Path, fsync: FsyncFunc = os.fsync) -> None:
         os.close(fd)
 
 
+def write_file(
+    path: Path,
+    data: bytes,
+    mode: int,
+    *,
+    replace: bool = True,
+    owner: tuple[int, int] | None = None,
+    fsync: FsyncFunc = os.fsync,
+) -> None:
+    """Put ``data`` at ``path`` crash-safe: a tmp file with its final mode (and ``owner``,
+    when root) from the start, fsync, rename over ``path`` (or, with ``replace=False``,
+    link: ``FileExistsError`` if ``path`` exists), fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            if owner is not None and os.geteuid() == 0:
+                os.fchown(fd, *owner)
+            os.fchmod(fd, mode)
+            _write_all(fd, data)
+            fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(path.parent, fsync)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:

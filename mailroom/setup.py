@@ -17,7 +17,6 @@ import json
 import os
 import pwd
 import re
-import secrets
 import shutil
 import socket
 import subprocess
@@ -32,7 +31,7 @@ from mailroom.accounts import Accounts
 from mailroom.addresses import normalise_domain, parse_address
 from mailroom.config import Settings, load_settings
 from mailroom.errors import InvalidNameError, MailroomError
-from mailroom.maildir import fsync_dir
+from mailroom.maildir import fsync_dir, write_file
 
 DEFAULT_DATA_DIR = Path("/var/lib/mailroom")
 PLACEHOLDER_HOSTNAME = "mail.example.org"  # what packaging/config.toml ships
@@ -209,26 +208,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
     if os.geteuid() == 0:
         with contextlib.suppress(KeyError):
             owner, mode = (0, grp.getgrnam(SERVICE_GROUP).gr_gid), CONFIG_MODE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            if owner is not None and os.geteuid() == 0:
-                os.fchown(fd, *owner)
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_file(path, data, mode, owner=owner)
     except OSError as err:
         raise MailroomError(f"cannot write {path}: {err.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    fsync_dir(path.parent)
 
 
 def _load(path: Path) -> Settings:
