@@ -9,7 +9,8 @@ What this module owns:
   limits connections (in all and per client address), exits by itself after
   ``idle_exit_seconds`` with no connection open, and on SIGTERM/SIGINT stops accepting and
   lets open sessions finish for at most ``shutdown_grace_seconds``. In a service of several
-  worker processes (``mailroom.workers``) the counts are the service's, shared by all.
+  worker processes (``mailroom.workers``) the counts are the service's, shared by all, and
+  a new connection goes to the least busy worker (``_Acceptor``).
 
 The same code runs under systemd, under ``systemd-socket-activate`` and under mailroom's own
 activator (``mailroom.activator``, used by ``bin/dev`` and the tests).
@@ -18,6 +19,7 @@ activator (``mailroom.activator``, used by ``bin/dev`` and the tests).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -33,6 +35,8 @@ from mailroom.workers import SharedCounts
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
+DEFER_SECONDS = 0.005  # how long a busier worker leaves a new connection to the others
+ACCEPT_BATCH = 64  # connections taken per wakeup, at most
 
 
 def inherited_sockets(environ: Mapping[str, str] | None = None) -> dict[str, list[socket.socket]]:
@@ -235,6 +239,85 @@ class _TrackingProxy(asyncio.Protocol):
         pass
 
 
+class _Acceptor:
+    """Accepts the connections of one listening socket into the running loop.
+
+    In a service of several workers every worker's loop watches the same socket and the
+    kernel wakes them all for a new connection. A worker with more open connections than
+    another live worker then waits ``DEFER_SECONDS`` before taking it, so that the less busy
+    one does and the connections spread over the cores; if nobody has taken it by then (that
+    worker is stuck), this one does.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        factory: ProtocolFactory,
+        tls: ssl.SSLContext | None,
+        shared: SharedCounts | None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.factory = factory
+        self.tls = tls
+        self.shared = shared
+        self.stopped = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        sock.setblocking(False)
+
+    def start(self) -> None:
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.loop.remove_reader(self.sock.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _pause(self, seconds: float) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self._timer = self.loop.call_later(seconds, self._resume)
+
+    def _readable(self) -> None:
+        if self.shared is not None and self.shared.busier():
+            self._pause(DEFER_SECONDS)
+        else:
+            self._accept()
+
+    def _resume(self) -> None:
+        self._timer = None
+        if not self.stopped and self._accept():
+            self.start()
+
+    def _accept(self) -> bool:
+        """Take the waiting connections; False when accepting is paused (out of descriptors)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return True
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept connections (%s); trying again in a second", err)
+                    self._pause(1.0)
+                    return False
+                raise
+            conn.setblocking(False)
+            task = self.loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn, ssl=self.tls)
+        except (OSError, ssl.SSLError, TimeoutError) as err:  # a failed TLS handshake, a reset
+            log.debug("connection not set up: %s", err)
+            conn.close()
+
+
 def _watch_close(protocol: asyncio.BaseProtocol, callback: Callable[[], None]) -> None:
     """Call ``callback`` once, after ``protocol.connection_lost`` ran."""
     original = protocol.connection_lost
@@ -280,15 +363,17 @@ async def serve(
     tracker = ConnectionTracker(limits, idle_exit_seconds, lambda: request_stop("idle"))
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signal.Signals(signum).name)
-    servers = []
+    acceptors = []
     for name, socks in sockets.items():
         for sock in socks:
             factory = _tracked_factory(endpoints[name], tracker)
-            servers.append(await loop.create_server(factory, sock=sock, ssl=endpoints[name].tls))
+            acceptor = _Acceptor(sock, factory, endpoints[name].tls, tracker.shared)
+            acceptor.start()
+            acceptors.append(acceptor)
     log.info("serving %s", ", ".join(f"{n} ({len(s)} socket(s))" for n, s in sockets.items()))
     await stop.wait()
-    for server in servers:
-        server.close()
+    for acceptor in acceptors:
+        acceptor.stop()
     if tracker.open:
         log.info("%s: waiting for %d open session(s) to finish", reason[0], tracker.open)
         if on_shutdown is not None:

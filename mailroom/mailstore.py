@@ -23,7 +23,9 @@ What this module owns
   Maildir++ ``subscriptions`` file (one UTF-8 name a line) at the root, written the same way.
 * The index ``{root}/mailroom-index.sqlite3``: SQLite (WAL, busy_timeout), one per user for all
   folders, schema-versioned with ``PRAGMA user_version``. It is a cache of what the Maildir
-  says plus what the Maildir cannot say (mod-sequences, expunge tombstones, \\Recent).
+  says plus what the Maildir cannot say (mod-sequences, expunge tombstones, \\Recent), and of
+  what the IMAP server derived from a message's contents (its ENVELOPE, BODYSTRUCTURE and BODY
+  as sent, ``cached_items``/``save_items``), so that no process parses a message twice.
 
 What it promises
 ----------------
@@ -78,12 +80,12 @@ import sqlite3
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, ParamSpec, TypeVar
+from typing import Literal, NamedTuple, ParamSpec, TypeVar
 
 from mailroom.errors import (
     InvalidFlagError,
@@ -110,7 +112,7 @@ KEYWORDS_NAME = "dovecot-keywords"
 SUBSCRIPTIONS_NAME = "subscriptions"
 SPECIAL_USE_NAME = "mailroom-special-use"
 TRASH_PREFIX = "mailroom-deleted."  # a deleted folder, renamed out of sight before removal
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 LOCK_TIMEOUT = 30.0
 MAX_NAME = 255
@@ -158,9 +160,8 @@ Unlink = Callable[[Path], None]
 # -- the values the store hands out ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
-    """One message as IMAP sees it."""
+class MessageInfo(NamedTuple):
+    """One message as IMAP sees it (a named tuple: a mailbox makes thousands at once)."""
 
     uid: int
     flags: frozenset[str]  # system flags and keywords; never \Recent
@@ -481,6 +482,15 @@ class UidList:
 
 # -- the index -------------------------------------------------------------------------------
 
+# Added in version 2: FETCH items derived from a message's contents, encoded as sent.
+_DERIVED_TABLE = """CREATE TABLE derived (
+        mailbox INTEGER NOT NULL,
+        uid     INTEGER NOT NULL,
+        item    TEXT NOT NULL,  -- ENVELOPE, BODYSTRUCTURE or BODY, +UTF8 after UTF8=ACCEPT
+        value   BLOB NOT NULL,
+        PRIMARY KEY (mailbox, uid, item),
+        FOREIGN KEY (mailbox, uid) REFERENCES messages (mailbox, uid) ON DELETE CASCADE
+    ) STRICT, WITHOUT ROWID"""
 _SCHEMA = (
     """CREATE TABLE mailboxes (
         id             INTEGER PRIMARY KEY,
@@ -513,6 +523,7 @@ _SCHEMA = (
         modseq  INTEGER NOT NULL,
         PRIMARY KEY (mailbox, uid)
     ) STRICT, WITHOUT ROWID""",
+    _DERIVED_TABLE,
 )
 
 
@@ -639,16 +650,25 @@ class _Index:
                 raise _Corrupt(check)
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version != SCHEMA_VERSION:
-                self._create_schema(conn, version)
+                self._create_schema(conn)
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _create_schema(self, conn: sqlite3.Connection, version: int) -> None:
-        """The index is a cache: any other version is dropped and rebuilt from the Maildir."""
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        """The index is a cache: any other version is dropped and rebuilt from the Maildir
+        (version 1 only lacks a table, which is added)."""
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Read again inside the transaction: another process may have been first.
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version in (1, SCHEMA_VERSION):
+                if version == 1:
+                    conn.execute(_DERIVED_TABLE)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+                return
             if version:
                 log.info(
                     "%s: schema version %d, rebuilding as %d", self.path, version, SCHEMA_VERSION
@@ -712,7 +732,8 @@ class _Index:
         in WAL mode: safe against a crash of the process, not against a power loss, until
         the next commit that does fsync). Only for what the Maildir itself records, so that
         a lost commit is found again by the next sync: flag changes, which live in the
-        file names.
+        file names; \\Recent claims, whose loss only makes messages \\Recent again; and the
+        items derived from messages (``save_items``), a cache.
         """
         with self._flock():
             if self.moved():
@@ -891,6 +912,16 @@ def _listdir(path: Path) -> list[str]:
         return [name for name in os.listdir(path) if not name.startswith(".")]
     except FileNotFoundError:
         return []
+
+
+@contextlib.contextmanager
+def _opened_dir(path: str) -> Iterator[int]:
+    """A descriptor of directory ``path``: names relative to it skip the path lookup."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _dir_stamp(folder: _Folder) -> tuple[int, int] | None:
@@ -1388,7 +1419,9 @@ class MailStore:
                 )
                 return loaded.snapshot
         with self._index.write() as db:
-            self._sync_locked(db, folder)
+            fresh = self._sync_locked(db, folder)
+        if fresh is not None:
+            self._base[folder.name] = fresh
         loaded = self._load(folder.name, incremental=True)
         if loaded is None:  # pragma: no cover - the row was written just above
             raise StoreError(f"mailbox {folder.name} vanished from the index")
@@ -1457,6 +1490,7 @@ class MailStore:
         if base is not None and base.snapshot.uidvalidity == box.uidvalidity:
             last = {m.uid: m for m in base.snapshot.messages}
         flag_sets: dict[str, frozenset[str]] = {}  # most messages share a few flag sets
+        dates: dict[int, datetime] = {}  # and many a second
         for uid, key, filename, flags, modseq, size, date, _, expunging in rows:
             if expunging:
                 return None
@@ -1465,14 +1499,10 @@ class MailStore:
                 flag_set = flag_sets.get(flags)
                 if flag_set is None:
                     flag_set = flag_sets[flags] = frozenset(flags.split())
-                info = MessageInfo(
-                    uid,
-                    flag_set,
-                    modseq,
-                    size,
-                    datetime.fromtimestamp(date, UTC),
-                    key,
-                )
+                moment = dates.get(date)
+                if moment is None:
+                    moment = dates[date] = datetime.fromtimestamp(date, UTC)
+                info = MessageInfo(uid, flag_set, modseq, size, moment, key)
             messages.append(info)
             files[uid] = filename
         snapshot = Snapshot(name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages))
@@ -1629,11 +1659,13 @@ class MailStore:
         folder: _Folder,
         flags_for: dict[str, frozenset[str]] | None = None,
         known: dict[str, int] | None = None,
-    ) -> None:
+    ) -> _Cached | None:
         """Bring the index in line with the folder; call inside a write transaction.
 
         ``flags_for`` gives the flags of keys arriving in new/ (APPEND). ``known`` are UIDs
-        the uidlist still names (when the row was just started).
+        the uidlist still names (when the row was just started). Returns the mailbox as now
+        indexed when that is known without reading it back (the index had no message of it
+        before: a first sync), for ``_load`` to build on once the transaction has committed.
         """
         box = self._box(db, folder.name)
         if box is None:
@@ -1676,18 +1708,22 @@ class MailStore:
         if len(arriving) > BULK_RENAMES:
             self._listings.suspend(new_dir)
             self._listings.suspend(cur_dir)
-        for name in arriving:
-            key, letters = _split_name(name)
-            if key in rows:
-                target = rows[key].filename
-            else:
-                wanted = flags_for.get(key)
-                target = f"{key}:2,{keywords.letters(wanted) if wanted is not None else letters}"
-                from_new.add(key)
-            try:
-                os.rename(f"{new_dir}/{name}", f"{cur_dir}/{target}")
-            except FileNotFoundError:  # another process moved it first
-                continue
+        if arriving:
+            with _opened_dir(new_dir) as new_fd, _opened_dir(cur_dir) as cur_fd:
+                for name in arriving:
+                    key, letters = _split_name(name)
+                    if key in rows:
+                        target = rows[key].filename
+                    else:
+                        wanted = flags_for.get(key)
+                        if wanted is not None:
+                            letters = keywords.letters(wanted)
+                        target = f"{key}:2,{letters}"
+                        from_new.add(key)
+                    try:
+                        os.rename(name, target, src_dir_fd=new_fd, dst_dir_fd=cur_fd)
+                    except FileNotFoundError:  # another process moved it first
+                        continue
 
         # 3. Compare cur/ with the index: renamed (flags) and vanished files.
         in_cur = _listdir(folder.cur)
@@ -1719,22 +1755,27 @@ class MailStore:
         # 4. Files the index does not know: UIDs in delivery order (RFC 9051 2.3.1.1); the
         #    UIDs a uidlist still names (a rebuild) come first and stay what they were.
         arrivals: list[tuple[int, int, str, str, os.stat_result]] = []
-        for key, filename in on_disk.items():
-            if key in rows:
-                continue
-            try:
-                st = os.stat(f"{cur_dir}/{filename}")
-            except FileNotFoundError:
-                continue
-            match = _ORDER.match(key)
-            order = (
-                int(match[1]) * 1_000_000 + int(match[2] or 0) if match else st.st_mtime_ns // 1000
-            )
-            arrivals.append((known.get(key, box.uidnext + 2**62), order, key, filename, st))
-        arrivals.sort(key=lambda a: (a[0], a[1], a[2]))
+        unknown = [(key, filename) for key, filename in on_disk.items() if key not in rows]
+        if unknown:
+            with _opened_dir(cur_dir) as cur_fd:
+                for key, filename in unknown:
+                    try:
+                        st = os.stat(filename, dir_fd=cur_fd)
+                    except FileNotFoundError:
+                        continue
+                    match = _ORDER.match(key)
+                    order = (
+                        int(match[1]) * 1_000_000 + int(match[2] or 0)
+                        if match
+                        else st.st_mtime_ns // 1000
+                    )
+                    uid = known.get(key, box.uidnext + 2**62)
+                    arrivals.append((uid, order, key, filename, st))
+        arrivals.sort()  # keys are unique: the comparison never reaches the file name
         uidnext = box.uidnext
         used = {r.uid for r in rows.values()}
         inserts: list[_Insert] = []
+        flag_texts: dict[str, str] = {}  # flag letters -> flags column; most files share a few
         for wanted_uid, _, key, filename, st in arrivals:
             size_match = _SIZE_W.search(key)
             if size_match:
@@ -1751,11 +1792,14 @@ class MailStore:
             uidnext = max(uidnext, uid + 1)
             used.add(uid)
             highest += 1
-            flags = keywords.flags(_split_name(filename)[1])
+            letters = _split_name(filename)[1]
+            flags_text = flag_texts.get(letters)
+            if flags_text is None:
+                flags_text = flag_texts[letters] = _flags_text(keywords.flags(letters))
             recent = key in from_new or key not in known
             inserts.append(
-                (box.id, uid, key, filename, _flags_text(flags), highest, size,
-                 int(st.st_mtime), int(recent))
+                (box.id, uid, key, filename, flags_text, highest, size, int(st.st_mtime),
+                 int(recent))
             )  # fmt: skip
 
         # 5. The durable record first: the uidlist names every UID before the index commits it.
@@ -1775,6 +1819,37 @@ class MailStore:
             (uidnext, highest, box.id),
         )
         self._cache.pop(folder.name, None)
+        if rows or not inserts:
+            return None
+        return self._fresh(box, uidnext, highest, inserts)
+
+    def _fresh(self, box: _Box, uidnext: int, highest: int, inserts: list[_Insert]) -> _Cached:
+        """The mailbox whose only messages are ``inserts``, as ``_load`` would read it."""
+        flag_sets: dict[str, frozenset[str]] = {}
+        dates: dict[int, datetime] = {}
+        messages: list[MessageInfo] = []
+        files: dict[int, str] = {}
+        for _, uid, key, filename, flags, modseq, size, date, _ in sorted(
+            inserts, key=lambda i: i[1]
+        ):
+            flag_set = flag_sets.get(flags)
+            if flag_set is None:
+                flag_set = flag_sets[flags] = frozenset(flags.split())
+            moment = dates.get(date)
+            if moment is None:
+                moment = dates[date] = datetime.fromtimestamp(date, UTC)
+            messages.append(MessageInfo(uid, flag_set, modseq, size, moment, key))
+            files[uid] = filename
+        snapshot = Snapshot(box.name, box.uidvalidity, uidnext, highest, tuple(messages))
+        return _Cached(
+            self._index.inode,
+            0,
+            frozenset(files.values()),
+            snapshot,
+            files,
+            box.id,
+            uids=tuple(files),
+        )
 
     def _split_duplicates(self, folder: _Folder, rows: dict[str, _Row], names: list[str]) -> bool:
         """Give a new key to each extra file sharing a key (a mail reader's crash can leave
@@ -1903,6 +1978,45 @@ class MailStore:
             return _to_crlf(data, _split_name(path.name)[0])
         raise MessageGoneError(f"message {uid} in {name} no longer exists")
 
+    @_guarded
+    def cached_items(
+        self, name: str, uids: Collection[int], items: Collection[str]
+    ) -> dict[tuple[int, str], bytes]:
+        """The ``items`` of messages ``uids`` saved by ``save_items`` (in any process), by
+        (UID, item); what was never saved is missing."""
+        if not uids or not items:
+            return {}
+        folder = self._folder(name)
+        with self._index.read() as db:
+            box = self._box(db, folder.name)
+            if box is None:
+                return {}
+            rows = db.execute(
+                "SELECT uid, item, value FROM derived WHERE mailbox = ? AND uid BETWEEN ? AND ?",
+                (box.id, min(uids), max(uids)),
+            ).fetchall()
+        wanted = uids if isinstance(uids, set | frozenset) else set(uids)
+        return {(uid, item): value for uid, item, value in rows if uid in wanted and item in items}
+
+    @_guarded
+    def save_items(self, name: str, values: Mapping[tuple[int, str], bytes]) -> None:
+        """Keep items derived from messages' contents (by UID and item name) for every process
+        of this user; a message expunged meanwhile is skipped. A UID names one message for
+        the life of its row, and a Maildir file's contents never change, so nothing goes stale.
+        Committed without waiting for the disk: it is a cache."""
+        if not values:
+            return
+        folder = self._folder(name)
+        with self._index.write(fsync=False) as db:
+            box = self._box(db, folder.name)
+            if box is None:
+                return
+            db.executemany(
+                "INSERT OR IGNORE INTO derived (mailbox, uid, item, value) SELECT ?, ?, ?, ?"
+                " WHERE EXISTS (SELECT 1 FROM messages WHERE mailbox = ? AND uid = ?)",
+                [(box.id, uid, item, value, box.id, uid) for (uid, item), value in values.items()],
+            )
+
     def watch_dirs(self, name: str) -> list[Path]:
         """The directories whose changes mean "sync again" (for inotify)."""
         folder = self._folder(name)
@@ -2019,7 +2133,17 @@ class MailStore:
         """RFC 3501 2.3.2 \\Recent: the UIDs no session has claimed; the caller gets them and
         no other session will. Only messages the index knows (the caller's last sync or later)."""
         folder = self._existing(name)
-        with self._index.write() as db:
+        with self._index.read() as db:
+            box = self._box(db, folder.name)
+            if (
+                box is not None
+                and not db.execute(
+                    "SELECT 1 FROM messages WHERE mailbox = ? AND recent = 1 LIMIT 1", (box.id,)
+                ).fetchone()
+            ):
+                return frozenset()  # the common case: nothing to claim, no write
+        # A claim lost to a power cut only makes those messages \Recent once more.
+        with self._index.write(fsync=False) as db:
             box = self._box_locked(db, folder)
             uids = frozenset(
                 uid

@@ -2,9 +2,10 @@
 
 What this module owns:
 
-- ``SharedCounts``: the open connections in all and per client address, in memory shared by
-  the workers (an anonymous shared mapping made before the fork, under one lock), so the
-  connection limits hold for the service as a whole, not per worker.
+- ``SharedCounts``: the open connections in all, per worker and per client address, in memory
+  shared by the workers (an anonymous shared mapping made before the fork, under one lock),
+  so the connection limits hold for the service as a whole, not per worker, and a busier
+  worker can leave a new connection to a less busy one (``activation``).
 - ``run_workers(n, child)``: forks ``n`` workers that each run ``child()`` (their own asyncio
   loop accepting on the same listening sockets: the kernel hands each connection to one of
   them) and supervises them: SIGTERM/SIGINT are passed on, a worker that crashed while the
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 RESTARTS = 10  # crashed workers started again per minute, at most
 MAX_WORKERS = 64
 _TOTALS = struct.Struct(f"={MAX_WORKERS}q")  # open connections of each worker
+_LIVE = struct.Struct(f"={MAX_WORKERS}?")  # which workers are running
+_SLOTS_AT = _TOTALS.size + _LIVE.size
 _SLOT = struct.Struct("=ii46s")  # worker, its open connections from one address, the address
 
 
@@ -54,7 +57,7 @@ class SharedCounts:
         self.slots = 1
         while self.slots < 2 * capacity * 2:
             self.slots *= 2
-        self._map = mmap.mmap(-1, _TOTALS.size + self.slots * _SLOT.size, flags=mmap.MAP_SHARED)
+        self._map = mmap.mmap(-1, _SLOTS_AT + self.slots * _SLOT.size, flags=mmap.MAP_SHARED)
         self._lock_file = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the counts
 
     @contextlib.contextmanager
@@ -98,14 +101,35 @@ class SharedCounts:
             totals[self.worker] = max(totals[self.worker] - 1, 0)
             _TOTALS.pack_into(self._map, 0, *totals)
 
+    def join(self, worker: int) -> None:
+        """Count as ``worker`` (in the worker, after the fork): a live worker from now on."""
+        self.worker = worker
+        with self._locked():
+            self._set_live(worker, True)
+
+    def _set_live(self, worker: int, live: bool) -> None:
+        """Call with the lock held."""
+        flags = list(_LIVE.unpack_from(self._map, _TOTALS.size))
+        flags[worker] = live
+        _LIVE.pack_into(self._map, _TOTALS.size, *flags)
+
+    def busier(self) -> bool:
+        """Whether another live worker has fewer open connections than this one."""
+        with self._locked():
+            totals = _TOTALS.unpack_from(self._map, 0)
+            live = _LIVE.unpack_from(self._map, _TOTALS.size)
+        mine = totals[self.worker]
+        return any(live[i] and totals[i] < mine for i in range(MAX_WORKERS) if i != self.worker)
+
     def forget(self, worker: int) -> None:
         """Drop every connection ``worker`` counted (it has exited)."""
         with self._locked():
+            self._set_live(worker, False)
             totals = list(_TOTALS.unpack_from(self._map, 0))
             totals[worker] = 0
             _TOTALS.pack_into(self._map, 0, *totals)
             for i in range(self.slots):
-                offset = _TOTALS.size + i * _SLOT.size
+                offset = _SLOTS_AT + i * _SLOT.size
                 owner, count, key = _SLOT.unpack_from(self._map, offset)
                 if owner == worker and count:
                     _SLOT.pack_into(self._map, offset, owner, 0, key)
@@ -117,7 +141,7 @@ class SharedCounts:
         mine = free = -1
         of_peer = 0
         for i in range(self.slots):
-            offset = _TOTALS.size + ((start + i) & (self.slots - 1)) * _SLOT.size
+            offset = _SLOTS_AT + ((start + i) & (self.slots - 1)) * _SLOT.size
             owner, count, name = _SLOT.unpack_from(self._map, offset)
             if name == key:
                 of_peer += count
@@ -181,7 +205,7 @@ def run_workers(count: int, child: Callable[[], int], counts: SharedCounts | Non
                     _die_with_parent(supervisor)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                     if counts is not None:
-                        counts.worker = index
+                        counts.join(index)
                     code = child()
                 except BaseException:
                     log.exception("worker %d failed", index)

@@ -7,8 +7,8 @@ Several sessions may share one ``FakeStore`` to see each other's changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -50,6 +50,7 @@ class FakeStore:
         self.folders: dict[str, Folder] = {"INBOX": Folder(uidvalidity=1000, subscribed=True)}
         self.closed = False
         self.reads = 0  # how many times read() was called (tests check caching)
+        self.derived: dict[str, dict[tuple[int, str], bytes]] = {}  # save_items, by mailbox
         self.next_validity = 1001
 
     # -- management ---------------------------------------------------------------------------
@@ -178,7 +179,7 @@ class FakeStore:
             if new == info.flags:
                 continue
             f.highestmodseq += 1
-            info = replace(info, flags=new, modseq=f.highestmodseq)
+            info = info._replace(flags=new, modseq=f.highestmodseq)
             f.messages[uid] = info
             changed.append(info)
         return changed, failed
@@ -250,6 +251,15 @@ class FakeStore:
         claimed = frozenset(f.unclaimed)
         f.unclaimed.clear()
         return claimed
+
+    def cached_items(
+        self, name: str, uids: Collection[int], items: Collection[str]
+    ) -> dict[tuple[int, str], bytes]:
+        saved = self.derived.get(name, {})
+        return {(u, i): v for (u, i), v in saved.items() if u in uids and i in items}
+
+    def save_items(self, name: str, values: Mapping[tuple[int, str], bytes]) -> None:
+        self.derived.setdefault(name, {}).update(values)
 
     def watch_dirs(self, name: str) -> list[Path]:
         self._folder(name)

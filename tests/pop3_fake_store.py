@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 from datetime import UTC, datetime
 from types import TracebackType
 
@@ -73,7 +72,7 @@ class FakeStore:
                 mode, frozenset(flags)
             )
             self.modseq += 1
-            self.infos[uid] = replace(info, flags=frozenset(new), modseq=self.modseq)
+            self.infos[uid] = info._replace(flags=frozenset(new), modseq=self.modseq)
             changed.append(uid)
         return changed, failed
 

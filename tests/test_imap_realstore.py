@@ -316,3 +316,56 @@ def test_search_header_values_are_parsed_once_per_process(store: MailStore, tmp_
     other.run('C: s SEARCH SUBJECT "gamma"\n S: * SEARCH\n S: s OK SEARCH completed')
     assert len(parses) == 4  # Carol's message is hers: parsed, never answered from Alice's
     carol_store.close()
+
+
+def test_parsed_items_are_kept_in_the_index_for_the_next_process(
+    store: MailStore, tmp_path: Path
+) -> None:
+    """ENVELOPE and BODYSTRUCTURE parsed by one process are read from the index by the next
+    (a new process after idle exit, or another worker): not parsed again, the same bytes."""
+    fill(store, 3)
+    parses: list[bytes] = []
+
+    def counting_parse(raw: bytes) -> Message:
+        parses.append(raw)
+        return Message(raw)
+
+    first = conversation(store, shared_cache=SharedCache(), parse_message=counting_parse)
+    first.send(b"a SELECT INBOX\r\n")
+    first.pending.clear()
+    answer = first.send(b"f FETCH 1:3 (ENVELOPE BODYSTRUCTURE)\r\n").data
+    assert answer.startswith(b"* 1 FETCH (ENVELOPE (") and len(parses) == 3
+    root = store.maildir.root
+    # Another process: its own store and its own (empty) process cache.
+    again = MailStore(Maildir(root, "mail.example.test", fsync=lambda fd: None))
+    second = conversation(again, shared_cache=SharedCache(), parse_message=counting_parse)
+    second.send(b"a SELECT INBOX\r\n")
+    second.pending.clear()
+    assert second.send(b"f FETCH 1:3 (ENVELOPE BODYSTRUCTURE)\r\n").data == answer
+    assert len(parses) == 3  # nothing parsed again
+    # After ENABLE UTF8=ACCEPT the items are encoded otherwise: parsed once more.
+    third = conversation(again, shared_cache=SharedCache(), parse_message=counting_parse)
+    assert third.send(b"e ENABLE UTF8=ACCEPT\r\n").data.startswith(b"* ENABLED UTF8=ACCEPT")
+    third.send(b"a SELECT INBOX\r\n")
+    third.send(b"f FETCH 1 (ENVELOPE)\r\n")
+    assert len(parses) == 4
+    assert store._index.conn.execute(
+        "SELECT item FROM derived WHERE uid = 1 ORDER BY item"
+    ).fetchall() == [("BODYSTRUCTURE",), ("ENVELOPE",), ("ENVELOPE+UTF8",)]
+    again.close()
+
+
+def test_parsed_items_go_with_their_message(store: MailStore) -> None:
+    fill(store, 2)
+    store.sync("INBOX")
+    store.save_items("INBOX", {(1, "ENVELOPE"): b"ENVELOPE (1)", (2, "ENVELOPE"): b"ENVELOPE (2)"})
+    store.save_items("INBOX", {(9, "ENVELOPE"): b"ENVELOPE (9)"})  # no such message: skipped
+    assert store.cached_items("INBOX", [1, 2, 9], ["ENVELOPE"]) == {
+        (1, "ENVELOPE"): b"ENVELOPE (1)",
+        (2, "ENVELOPE"): b"ENVELOPE (2)",
+    }
+    assert store.cached_items("INBOX", [2], ["BODYSTRUCTURE"]) == {}
+    store.store("INBOX", [1], "+", ["\\Deleted"])
+    store.expunge("INBOX")
+    assert store.cached_items("INBOX", [1, 2], ["ENVELOPE"]) == {(2, "ENVELOPE"): b"ENVELOPE (2)"}
+    assert store._index.conn.execute("SELECT count(*) FROM derived").fetchone() == (1,)

@@ -33,6 +33,7 @@ from mailroom.errors import (
 from mailroom.maildir import Maildir
 from mailroom.mailstore import (
     INDEX_NAME,
+    SCHEMA_VERSION,
     UIDLIST_NAME,
     MailStore,
     Snapshot,
@@ -877,6 +878,27 @@ def test_an_index_of_another_schema_version_is_rebuilt(maildir: Maildir) -> None
     db.close()
     with MailStore(maildir) as store:
         assert state(store.sync("INBOX")) == before
+
+
+def test_a_version_1_index_gains_the_derived_table_and_keeps_its_rows(maildir: Maildir) -> None:
+    maildir.deliver(message(1))
+    with MailStore(maildir) as store:
+        store.sync("INBOX")
+        store.store("INBOX", [1], "+", ["\\Flagged"])
+        before = state(store.sync("INBOX"))
+    with sqlite3.connect(maildir.root / INDEX_NAME) as db:
+        db.execute("DROP TABLE derived")
+        db.execute("PRAGMA user_version = 1")
+        (modseqs_v1,) = db.execute("SELECT group_concat(modseq) FROM messages").fetchone()
+    db.close()
+    with MailStore(maildir) as store:
+        assert state(store.sync("INBOX")) == before
+        store.save_items("INBOX", {(1, "ENVELOPE"): b"ENVELOPE (x)"})
+        assert store.cached_items("INBOX", [1], ["ENVELOPE"]) == {(1, "ENVELOPE"): b"ENVELOPE (x)"}
+        conn = store._index.conn
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        # Not rebuilt: the rows are the same rows (a rebuild gives new MODSEQs).
+        assert conn.execute("SELECT group_concat(modseq) FROM messages").fetchone() == (modseqs_v1,)
 
 
 def test_a_damaged_uidlist_starts_over_with_a_greater_uidvalidity(maildir: Maildir) -> None:

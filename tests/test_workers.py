@@ -252,6 +252,28 @@ def test_the_connections_of_a_crashed_worker_are_not_counted_forever(
     assert counts.total == 0
 
 
+def test_a_worker_is_busier_only_than_a_live_worker_with_fewer_connections(forks: Forks) -> None:
+    counts = SharedCounts(8)
+    counts.join(0)
+    counts.admit("192.0.2.1", 8, 8)
+    assert not counts.busier()  # no other worker running
+
+    def second() -> int:  # worker 1 joins and takes two connections
+        counts.join(1)
+        counts.admit("192.0.2.2", 8, 8)
+        counts.admit("192.0.2.2", 8, 8)
+        return 0
+
+    assert forks.wait(forks.start(second)) == 0
+    assert not counts.busier()  # 1 against 2
+    counts.admit("192.0.2.1", 8, 8)
+    assert not counts.busier()  # 2 against 2: both take connections
+    counts.admit("192.0.2.1", 8, 8)
+    assert counts.busier()  # 3 against 2: worker 1 should take the next one
+    counts.forget(1)  # it exited: nobody to leave connections to
+    assert not counts.busier()
+
+
 # run_workers
 
 
@@ -421,3 +443,29 @@ def test_imapd_workers_share_the_limit_per_address(mail_env: MailEnv) -> None:
             sock.close()
         server.stop()
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # stopped with the parent
+
+
+def test_imapd_workers_share_the_connections(mail_env: MailEnv) -> None:
+    # Every worker's loop is woken for a new connection; the busier one leaves it to the
+    # other, so ten clients are served by both cores (without it, one worker took 6 to 9).
+    with mail_env.config.open("a") as f:
+        f.write("[imap]\nworkers = 2\n")
+    server = Server(mail_env, "mailroom-imapd", ("imap", "imaps"))
+    port = server.ports["imap"]
+    held: list[socket.socket] = []
+    try:
+        wait_for(lambda: len(server.child_pids()) == 1)
+        (imapd,) = server.child_pids()
+        wait_for(lambda: len(children_of(imapd)) == 2)
+        pids = children_of(imapd)
+        on: Counter[int] = Counter()
+        for _ in range(10):
+            sock, data = greeting(port)
+            assert data.startswith(b"* OK ")
+            held.append(sock)
+            on[serving_worker(sock, port, pids)] += 1
+        assert sorted(on.values()) in ([5, 5], [4, 6]), on
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()

@@ -27,7 +27,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,6 +168,14 @@ class SharedCache:
                     self._put(key, flight.value)
             flight.done.set()
         return value
+
+    def has(self, key: tuple[object, ...]) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def put(self, key: tuple[object, ...], value: bytes) -> None:
+        with self._lock:
+            self._put(key, value)
 
     def _get(self, key: tuple[object, ...]) -> bytes | None:
         value = self._items.get(key)
@@ -313,6 +321,10 @@ class MailStore(Protocol):
         self, name: str, modseq: int, /
     ) -> tuple[Sequence[MessageInfo], Sequence[int]]: ...
     def claim_recent(self, name: str, /) -> frozenset[int]: ...
+    def cached_items(
+        self, name: str, uids: Collection[int], items: Collection[str], /
+    ) -> Mapping[tuple[int, str], bytes]: ...
+    def save_items(self, name: str, values: Mapping[tuple[int, str], bytes], /) -> None: ...
     def watch_dirs(self, name: str, /) -> Sequence[Path]: ...
     def hold_if_current(self, name: str, /) -> bool: ...
     def release_hold(self) -> None: ...
@@ -448,6 +460,7 @@ class IMAPSession:
             OrderedDict()
         )
         self.cache_bytes = 0
+        self.computed: dict[tuple[int, str], bytes] = {}  # derived items parsed by this FETCH
 
     # -- the API the server calls ----------------------------------------------------------
 
@@ -1680,16 +1693,25 @@ class IMAPSession:
                     box.infos[info.uid] = info
                     seen_now.add(info.uid)
         gone_seen = False
-        for u in uids:
-            if len(out) > self.config.max_fetch_response:
-                # Output is one bytes object: a FETCH of everything must not exhaust memory.
-                return bytes(out) + self._tagged(
-                    tag, "NO", "Response too large; fetch fewer messages at a time", code="LIMIT"
-                )
-            try:
-                out += self._fetch_one(box, u, items, u in seen_now)
-            except MessageGoneError:
-                gone_seen = True
+        derived = [i.name for i in items if _is_derived(i)]
+        if derived:
+            self._load_derived(box, uids, derived)
+        try:
+            for u in uids:
+                if len(out) > self.config.max_fetch_response:
+                    # Output is one bytes object: a FETCH of everything must not exhaust memory.
+                    return bytes(out) + self._tagged(
+                        tag,
+                        "NO",
+                        "Response too large; fetch fewer messages at a time",
+                        code="LIMIT",
+                    )
+                try:
+                    out += self._fetch_one(box, u, items, u in seen_now)
+                except MessageGoneError:
+                    gone_seen = True
+        finally:
+            self._save_derived(box)
         if gone_seen:
             return (
                 bytes(out)
@@ -1721,7 +1743,7 @@ class IMAPSession:
             return b"RFC822.SIZE %d" % info.size
         if name == "INTERNALDATE":
             return b'INTERNALDATE "' + format_date_time(info.internaldate).encode() + b'"'
-        if name in ("ENVELOPE", "BODYSTRUCTURE") or (name == "BODY" and item.section is None):
+        if _is_derived(item):
             return self._derived(box, uid, info, name)
         if name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
             text = {"RFC822": "", "RFC822.HEADER": "HEADER", "RFC822.TEXT": "TEXT"}[name]
@@ -1793,7 +1815,8 @@ class IMAPSession:
         return encoded.decode("utf-8", "surrogateescape").split("\0")[1:]
 
     def _derived(self, box: Mailbox, uid: int, info: MessageInfo, name: str) -> bytes:
-        """ENVELOPE, BODYSTRUCTURE or BODY of a message, through the process's cache."""
+        """ENVELOPE, BODYSTRUCTURE or BODY of a message, through the process's cache (filled
+        from the index by ``_load_derived``; what this thread computes goes to the index)."""
 
         def compute() -> bytes:
             parsed = self._parsed(uid)
@@ -1804,14 +1827,60 @@ class IMAPSession:
                 if name == "BODYSTRUCTURE"
                 else parsed.body()
             )
-            return name.encode() + b" " + self._enc(value)
+            encoded = name.encode() + b" " + self._enc(value)
+            self.computed[(uid, self._item_name(name))] = encoded
+            return encoded
 
         shared = self.config.shared_cache
         if shared is None or self.user is None:
             return compute()
+        return shared.get_or_compute(self._derived_key(box, uid, info, name), compute)
+
+    def _derived_key(
+        self, box: Mailbox, uid: int, info: MessageInfo, name: str
+    ) -> tuple[object, ...]:
+        assert self.user is not None
         user = str(self.user.address)
-        key = (user, box.name, box.uidvalidity, uid, info.key, name, self.utf8)
-        return shared.get_or_compute(key, compute)
+        return (user, box.name, box.uidvalidity, uid, info.key, name, self.utf8)
+
+    def _item_name(self, name: str) -> str:
+        """How the index names a derived item: its encoding differs after UTF8=ACCEPT."""
+        return f"{name}+UTF8" if self.utf8 else name
+
+    def _load_derived(self, box: Mailbox, uids: Sequence[int], names: list[str]) -> None:
+        """Put the derived items the process's cache lacks and the index has into the cache:
+        another process (or one before this, gone idle) parsed those messages already."""
+        shared = self.config.shared_cache
+        if shared is None or self.user is None:
+            return
+        missing: dict[tuple[int, str], tuple[object, ...]] = {}
+        for uid in uids:
+            info = box.infos.get(uid)
+            if info is None:
+                continue
+            for name in names:
+                key = self._derived_key(box, uid, info, name)
+                if not shared.has(key):
+                    missing[(uid, self._item_name(name))] = key
+        if not missing:
+            return
+        found = self._store().cached_items(
+            box.name, {uid for uid, _ in missing}, {item for _, item in missing}
+        )
+        for wanted, key in missing.items():
+            value = found.get(wanted)
+            if value is not None:
+                shared.put(key, value)
+
+    def _save_derived(self, box: Mailbox) -> None:
+        """Keep what this FETCH parsed in the index, for the other processes; a failure
+        costs only a parse later, so it never fails the FETCH."""
+        computed, self.computed = self.computed, {}
+        if computed and self.config.shared_cache is not None:
+            try:
+                self._store().save_items(box.name, computed)
+            except StoreError as err:
+                log.warning("cannot keep parsed items in the index: %s", err)
 
     # message contents, cached (a FETCH of many items reads and parses each message once)
 
@@ -2023,6 +2092,13 @@ _ERRORS: tuple[tuple[type[MailroomError], str, str | None], ...] = (
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _is_derived(item: FetchItem) -> bool:
+    """ENVELOPE, BODYSTRUCTURE, BODY: computed from the message's contents, cached."""
+    return item.name in ("ENVELOPE", "BODYSTRUCTURE") or (
+        item.name == "BODY" and item.section is None
+    )
 
 
 def _keywords(infos: Iterable[MessageInfo]) -> set[str]:
