@@ -49,4 +49,4 @@ ensure_venv() {  # ensure_venv EXTRAS  (e.g. "" or "[test]")
 }
 
 # What building and running mailroom needs (systemd-python compiles against libsystemd).
-BASE_APT=(libsystemd-dev pkg-config gcc openssl python3-venv python3-dev)
+BASE_APT=(libsystemd-dev pkg-config gcc openssl python3-venv python3-dev publicsuffix)

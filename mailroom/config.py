@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -131,6 +131,42 @@ class DNSSettings(_Section):
     nameservers: list[str] = Field(default_factory=list)
 
 
+InboundAction = Literal["reject", "junk", "deliver"]
+
+
+class InboundSettings(_Section):
+    """Authentication of mail arriving on port 25 (SPF, DKIM, DMARC) and what is done with it.
+
+    Each ``*_action`` is ``"reject"`` (550 5.7.1 at the end of DATA, nothing stored),
+    ``"junk"`` (delivered into the recipient's Junk folder) or ``"deliver"`` (INBOX; the
+    verdict is still in ``Authentication-Results:``). A temporary DNS failure never rejects.
+    """
+
+    # Off: no checks and no Authentication-Results (e.g. behind a filtering relay).
+    checks: bool = True
+    dmarc_reject_action: InboundAction = "reject"  # DMARC fails, the domain says p=reject
+    dmarc_quarantine_action: InboundAction = "junk"  # DMARC fails, the domain says p=quarantine
+    spf_fail_action: InboundAction = "junk"  # SPF fail and the domain has no DMARC record
+    # From: or MAIL FROM in one of our own domains, neither SPF nor DKIM passing for it.
+    own_domain_forgery_action: InboundAction = "reject"
+    # All DNS of one message (SPF, DKIM keys, DMARC) together; then "temperror".
+    dns_timeout_seconds: float = Field(default=5, gt=0, le=60)
+    # Nameservers for these checks and the DNSBL; empty: those of [dns].
+    nameservers: list[str] = Field(default_factory=list)
+    # DNSBL zones asked at connect (e.g. "zen.spamhaus.org"); a listed client gets 554 5.7.1 at
+    # MAIL FROM. Several lists refuse queries that come through public resolvers.
+    dnsbl_zones: list[str] = Field(default_factory=list)
+
+    @field_validator("dnsbl_zones")
+    @classmethod
+    def _check_zones(cls, value: list[str]) -> list[str]:
+        zones = [zone.strip().rstrip(".").lower() for zone in value]
+        for zone in zones:
+            if not _HOSTNAME_RE.match(zone) or "." not in zone:
+                raise ValueError(f"{zone!r} is not a DNS zone name such as zen.spamhaus.org")
+        return zones
+
+
 class Settings(BaseSettings):
     """Everything configurable, with defaults a home server can run on."""
 
@@ -154,6 +190,7 @@ class Settings(BaseSettings):
     dns: DNSSettings = DNSSettings()
     submission: SubmissionSettings = SubmissionSettings()
     outbound: OutboundSettings = OutboundSettings()
+    inbound: InboundSettings = InboundSettings()
 
     @field_validator("hostname")
     @classmethod

@@ -181,6 +181,22 @@ class Resolver:
             for r in answer.records or ()
         ]
 
+    async def records(self, name: str, rdtype: str) -> tuple[dns.rdata.Rdata, ...]:
+        """The records of type ``rdtype`` ("A", "MX", "PTR", ...) at ``name``, for callers that
+        need them raw (SPF's mechanisms, DNSBL codes).
+
+        Empty if there are none or ``name`` does not exist; raises ``DnsTemporaryError`` when
+        no answer came, ``DnsPermanentError`` for a malformed name or type.
+        """
+        try:
+            kind = dns.rdatatype.from_text(rdtype)
+        except dns.rdatatype.UnknownRdatatype:
+            raise DnsPermanentError(f"unknown DNS record type {rdtype!r}") from None
+        answer = await self._lookup(_normalize(name), kind)
+        if answer.error:
+            raise DnsTemporaryError(answer.error)
+        return answer.records or ()
+
     # -- internals -------------------------------------------------------------------------------
 
     async def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:

@@ -6,6 +6,11 @@ Built on aiosmtpd. What this module adds to it and promises:
   any address form: percent hack, bang path, source route, quoted local part).
 - DATA with a bare CR, a bare LF or a NUL is refused whole (SMTP smuggling, RFC 5321 2.3.8);
   aiosmtpd itself ends DATA only on ``<CRLF>.<CRLF>``.
+- On port 25 (fd name ``smtp``, never on submission) the message is checked before anything
+  is stored (``mailroom.authcheck``: SPF, DKIM, DMARC): forged ``Authentication-Results:``
+  fields are removed and ours is added; policy rejects it (``550 5.7.1``), files it in the
+  recipients' Junk folders, or delivers it. An optional DNSBL lookup starts at connect and
+  refuses a listed client at MAIL FROM (``554 5.7.1``).
 - The message is stored in every recipient's Maildir, fsync'd, before ``250`` is sent.
 - Every reply carries an RFC 3463 enhanced status code; no exception text reaches a client.
 """
@@ -13,6 +18,7 @@ Built on aiosmtpd. What this module adds to it and promises:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import re
@@ -21,7 +27,7 @@ import ssl
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
@@ -30,9 +36,18 @@ from mailroom.accounts import Accounts, User
 from mailroom.activation import Endpoint, Limits, serve
 from mailroom.addresses import Address, normalise_domain, parse_address
 from mailroom.config import Settings
-from mailroom.errors import DeliveryError, InvalidNameError, QuotaExceededError
+from mailroom.errors import (
+    ConfigError,
+    DeliveryError,
+    InvalidNameError,
+    MailroomError,
+    QuotaExceededError,
+)
 from mailroom.maildir import Maildir, check_quota, deliver_all
 from mailroom.service import Sockets, run
+
+if TYPE_CHECKING:
+    from mailroom.authcheck import Checker, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +88,18 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
         tls: ssl.SSLContext | None,
         *,
         timeout: float | None = None,
+        inbound_auth: bool = False,
         **options: Any,
     ) -> None:
-        """``options`` go to aiosmtpd (the submission server's AUTH settings)."""
+        """``options`` go to aiosmtpd (the submission server's AUTH settings).
+
+        ``inbound_auth``: this is the port 25 listener, whose mail is checked (SPF, DKIM,
+        DMARC, DNSBL); submission's is not.
+        """
+        self.settings = settings
+        self.inbound_auth = inbound_auth and settings.inbound.checks
+        self.checker: Checker | None = None  # made on the first message; one per session
+        self.dnsbl: asyncio.Task[str] | None = None
         # The stream reader's limit also sets its flow control (pause above twice the limit):
         # a 1001-octet limit would pause and resume the socket every 2 KB of DATA. So the
         # reader gets 64 KiB (still bounded memory for a line without CRLF) and aiosmtpd
@@ -99,6 +123,21 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
 
     def _create_envelope(self) -> InboundEnvelope:
         return InboundEnvelope()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        zones = self.settings.inbound.dnsbl_zones
+        if self.inbound_auth and zones:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and peer:
+                self.dnsbl = asyncio.get_running_loop().create_task(
+                    _dnsbl_listing(self.settings, str(peer[0]), zones)
+                )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.dnsbl is not None:
+            self.dnsbl.cancel()
+        super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
         # RFC 5321 4.5.3.2.5/6: the timeout runs between blocks of data, not over the whole DATA.
@@ -208,6 +247,9 @@ class InboundHandler:
         # fsync waits on the disk, not the CPU: enough threads for every session to wait at
         # once lets the file system commit concurrent deliveries together.
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deliver")
+        # pyspf and dkimpy are synchronous: they run here, their DNS on the event loop.
+        self._check_executor: ThreadPoolExecutor | None = None
+        self._warm_up: asyncio.Future[None] | None = None
 
     async def handle_EHLO(
         self,
@@ -218,13 +260,34 @@ class InboundHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        self.warm_up(server)
         return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    def warm_up(self, server: SMTP) -> None:
+        """Import the checks' modules (dnspython, pyspf, dkimpy, the Public Suffix List) on a
+        worker thread once the client has been greeted, so that the first message of a freshly
+        started process does not wait for them at the end of DATA."""
+        if self._warm_up is None and getattr(server, "inbound_auth", False):
+            loop = asyncio.get_running_loop()
+            self._warm_up = loop.run_in_executor(self.check_executor(), _import_checks)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if address != "<>" and (_CONTROL.search(address) or "@" not in address):
             return replies.BAD_SENDER
+        self.warm_up(server)
+        dnsbl = getattr(server, "dnsbl", None)
+        if dnsbl is not None:
+            listed = await dnsbl
+            if listed:
+                log.warning(
+                    "MAIL from %s refused: %s",
+                    _peer(session),
+                    listed,
+                    extra={"CLIENT_ADDR": _peer(session), "MAIL_ACTION": "reject"},
+                )
+                return replies.reply(554, "5.7.1", f"Service refused: {listed}")
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return replies.SENDER_OK
@@ -295,8 +358,32 @@ class InboundHandler:
         queue_id = new_queue_id()
         message_id = _message_id(content)
         header = self.trace_headers(server, session, envelope, queue_id)
+        fields: dict[str, str] = {}
+        junk = False
+        if getattr(server, "inbound_auth", False):
+            verdict = await self.authentication_verdict(server, session, envelope, content)
+            if verdict is not None:
+                fields = verdict.journal_fields()
+                if verdict.action == "reject":
+                    log.warning(
+                        "%s rejected from=<%s> message-id=%s: %s",
+                        queue_id,
+                        _printable(envelope.mail_from or ""),
+                        message_id,
+                        verdict.summary(),
+                        extra={"CLIENT_ADDR": peer, "QUEUE_ID": queue_id, **fields},
+                    )
+                    return replies.reply(
+                        550, "5.7.1", f"Message rejected: {_printable(verdict.reason)}"
+                    )
+                junk = verdict.action == "junk"
+                header = _with_authentication_results(header, verdict, self.settings.hostname)
+                content = _strip_ours(content, self.settings.hostname, queue_id)
         message = header + content
-        targets = [(self._maildir(u), "") for u in envelope.mailboxes.values()]
+        users = list(envelope.mailboxes.values())
+        targets = [
+            (self._maildir(u), _junk_folder(self._maildir(u)) if junk else "") for u in users
+        ]
         try:
             for (maildir, _), user in zip(targets, envelope.mailboxes.values(), strict=True):
                 check_quota(maildir, user.quota_bytes, len(message))
@@ -309,15 +396,65 @@ class InboundHandler:
             log.error("%s not delivered: %s", queue_id, err, extra={"CLIENT_ADDR": peer})
             return replies.LOCAL_ERROR
         log.info(
-            "%s delivered from=<%s> to %s size=%d message-id=%s",
+            "%s delivered from=<%s> to %s%s size=%d message-id=%s%s",
             queue_id,
             _printable(envelope.mail_from or ""),
             ",".join(envelope.mailboxes),
+            " (Junk)" if junk else "",
             len(message),
             message_id,
-            extra={"CLIENT_ADDR": peer, "QUEUE_ID": queue_id, "MAIL_MESSAGE_ID": message_id},
+            f" {fields['MAIL_ACTION_REASON']}" if fields else "",
+            extra={
+                "CLIENT_ADDR": peer,
+                "QUEUE_ID": queue_id,
+                "MAIL_MESSAGE_ID": message_id,
+                **fields,
+            },
         )
         return f"250 2.0.0 Ok: delivered as {queue_id}"
+
+    async def authentication_verdict(
+        self, server: Any, session: Session, envelope: InboundEnvelope, content: bytes
+    ) -> Verdict | None:
+        """SPF, DKIM and DMARC of a message on port 25 and the action; None when the checks
+        cannot run at all (a bad ``[inbound] nameservers``: logged)."""
+        if self._warm_up is not None:
+            await self._warm_up  # the imports below then find their modules loaded
+        from mailroom.authcheck import Envelope as Origin
+
+        checker: Checker | None = server.checker
+        if checker is None:
+            try:
+                checker = server.checker = self.new_checker()
+            except ConfigError as err:
+                log.error("inbound checks off for this session: %s", err)
+                server.inbound_auth = False
+                return None
+        mail_from = envelope.mail_from or ""
+        origin = Origin(
+            client_ip=_peer(session),
+            helo=session.host_name or "",
+            mail_from="" if mail_from == "<>" else mail_from,
+        )
+        return await checker.authenticate(content, origin)
+
+    def new_checker(self) -> Checker:
+        """A ``Checker`` for one SMTP session, with its own resolver (and answer cache)."""
+        from mailroom.authcheck import Checker
+        from mailroom.resolver import DEFAULT_TIMEOUT, Resolver
+
+        inbound = self.settings.inbound
+        resolver = Resolver(
+            inbound.nameservers or self.settings.dns.nameservers,
+            timeout=min(DEFAULT_TIMEOUT, inbound.dns_timeout_seconds),
+        )
+        return Checker(resolver, inbound, self.check_executor(), self.accounts.is_local_domain)
+
+    def check_executor(self) -> ThreadPoolExecutor:
+        """The threads pyspf and dkimpy run on (made on first use)."""
+        if self._check_executor is None:
+            self._check_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="authcheck")
+        return self._check_executor
 
     def trace_headers(
         self, server: SMTP, session: Session, envelope: Envelope, queue_id: str
@@ -358,6 +495,100 @@ class InboundHandler:
         return maildir
 
 
+def _import_checks() -> None:
+    from mailroom import authcheck
+
+    authcheck.warm_up()
+
+
+def _with_authentication_results(header: bytes, verdict: Verdict, authserv_id: str) -> bytes:
+    """Our ``Authentication-Results:`` above the other trace fields we add (RFC 8601 4),
+    below ``Return-Path:``, which RFC 5321 4.4 puts at the very beginning."""
+    return_path, _, received = header.partition(b"\r\n")
+    return return_path + b"\r\n" + verdict.header(authserv_id) + received
+
+
+def _strip_ours(content: bytes, authserv_id: str, queue_id: str) -> bytes:
+    """RFC 8601 5: the message without Authentication-Results fields that claim to be ours."""
+    from mailroom.authcheck import strip_authentication_results
+
+    stripped, count = strip_authentication_results(content, authserv_id)
+    if count:
+        log.info(
+            "%s: removed %d forged Authentication-Results field(s) naming %s",
+            queue_id,
+            count,
+            authserv_id,
+            extra={"QUEUE_ID": queue_id},
+        )
+    return stripped
+
+
+def _junk_folder(maildir: Maildir) -> str:
+    """The Maildir++ folder holding the \\Junk special use (``Junk`` unless renamed)."""
+    from mailroom.mailstore import SPECIAL_USE_NAME, folder_name
+
+    try:
+        text = (maildir.root / SPECIAL_USE_NAME).read_text(encoding="utf-8")
+    except OSError:
+        return "Junk"
+    for line in text.splitlines():
+        attr, _, name = line.partition("\t")
+        if attr == "\\Junk" and name:
+            try:
+                return folder_name(name)
+            except Exception:  # a name this version cannot map: the default folder
+                break
+    return "Junk"
+
+
+async def _dnsbl_listing(settings: Settings, address: str, zones: list[str]) -> str:
+    """Why ``address`` is refused (``"... listed by zone"``), or ``""``: DNSBL A lookups
+    (RFC 5782 2.1, reversed address under each zone), all at once, within the DNS timeout."""
+    from mailroom.resolver import DEFAULT_TIMEOUT, DnsTemporaryError, Resolver
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return ""
+    if ip.is_loopback or ip.is_private or ip.is_link_local:
+        return ""
+    inbound = settings.inbound
+    try:
+        resolver = Resolver(
+            inbound.nameservers or settings.dns.nameservers,
+            timeout=min(DEFAULT_TIMEOUT, inbound.dns_timeout_seconds),
+        )
+    except ConfigError as err:
+        log.error("DNSBL lookups off: %s", err)
+        return ""
+    reverse = ip.reverse_pointer.removesuffix(".in-addr.arpa").removesuffix(".ip6.arpa")
+
+    async def ask(zone: str) -> str:
+        try:
+            records = await resolver.records(f"{reverse}.{zone}", "A")
+        except (DnsTemporaryError, MailroomError) as err:
+            log.info("DNSBL %s: no answer for %s: %s", zone, address, err)
+            return ""
+        codes = [r.to_text() for r in records]
+        # 127.255.255.0/24 answers are errors, not listings (e.g. Spamhaus refusing a query
+        # that came through a public resolver).
+        if any(c.startswith("127.255.255.") for c in codes):
+            log.warning("DNSBL %s refused the query (%s): use your own resolver", zone, codes)
+            return ""
+        if any(c.startswith("127.") for c in codes):
+            return f"{address} is listed by {zone}"
+        return ""
+
+    try:
+        async with asyncio.timeout(inbound.dns_timeout_seconds):
+            found = await asyncio.gather(*(ask(zone) for zone in zones))
+    except TimeoutError:
+        log.info("DNSBL lookups for %s timed out", address)
+        return ""
+    return next((why for why in found if why), "")
+
+
 def _peer(session: Session) -> str:
     peer = session.peer
     return str(peer[0]) if isinstance(peer, tuple) and peer else "local"
@@ -396,7 +627,7 @@ def endpoints(settings: Settings, accounts: Accounts) -> dict[str, Endpoint]:
     handler = InboundHandler(settings, accounts)
     tls = server_context(settings.tls_cert, settings.tls_key)
     busy = (replies.TOO_MANY_CONNECTIONS + "\r\n").encode()
-    endpoint = Endpoint(lambda: InboundSMTP(handler, settings, tls), busy)
+    endpoint = Endpoint(lambda: InboundSMTP(handler, settings, tls, inbound_auth=True), busy)
     return dict.fromkeys(ENDPOINT_NAMES, endpoint)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mailroom.accounts import Accounts
+from tests.dnsserver import refusing_dns_address
 
 BIN = Path(sys.executable).parent
 HOSTNAME = "mail.example.test"
@@ -82,11 +83,20 @@ class MailEnv:
         return Accounts(self.data_dir / "auth.sqlite3")
 
 
-def write_config(root: Path, certificate: Certificate | None, **keys: object) -> Path:
+def write_config(
+    root: Path, certificate: Certificate | None, inbound_dns: str | None = None, **keys: object
+) -> Path:
+    """``inbound_dns``: ``[inbound] nameservers`` (port 25's SPF/DKIM/DMARC lookups). By
+    default a server that refuses every question at once: the checks give temperror and the
+    mail is delivered without waiting on the machine's resolver; ``""`` leaves it unset."""
+    if inbound_dns is None:
+        inbound_dns = refusing_dns_address()
     lines = [f'hostname = "{HOSTNAME}"', f'data_dir = "{root / "data"}"']
     lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in keys.items()]
     if certificate:
         lines += ["[tls]", f'cert = "{certificate[0]}"', f'key = "{certificate[1]}"']
+    if inbound_dns:
+        lines += ["[inbound]", f'nameservers = ["{inbound_dns}"]']
     config = root / "config.toml"
     config.write_text("\n".join(lines) + "\n")
     return config

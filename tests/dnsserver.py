@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -246,6 +247,61 @@ class DnsServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"waited {timeout} s for {what}:\n{self.output()}")
             time.sleep(0.01)
+
+
+class RefusingDnsServer:
+    """A UDP DNS server on 127.0.0.1 that answers every question REFUSED, at once.
+
+    The default test configuration points ``[inbound] nameservers`` here, so that port-25 mail
+    in tests that do not care about authentication gets ``temperror`` without waiting for the
+    machine's resolver (which may have no internet and time out).
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.queries = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="refusing-dns")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return  # closed
+            try:
+                query = dns.message.from_wire(data)
+            except dns.exception.DNSException:
+                continue
+            reply = dns.message.make_response(query)
+            reply.set_rcode(dns.rcode.REFUSED)
+            self.queries += 1
+            self.sock.sendto(reply.to_wire(), peer)
+
+    def __enter__(self) -> RefusingDnsServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+_REFUSING: RefusingDnsServer | None = None
+_REFUSING_LOCK = threading.Lock()
+
+
+def refusing_dns_address() -> str:
+    """The address of this process's ``RefusingDnsServer``, started on first use."""
+    global _REFUSING
+    with _REFUSING_LOCK:
+        if _REFUSING is None:
+            _REFUSING = RefusingDnsServer().__enter__()
+        return _REFUSING.address
 
 
 @pytest.fixture(scope="session")

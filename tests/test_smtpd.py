@@ -61,9 +61,9 @@ def test_delivery_exact_bytes(smtpd: Server, mail_env: MailEnv) -> None:
     [path] = mail_env.new_messages("alice@example.test")
     data = path.read_bytes()
     head, _, body = data.partition(b"\nFrom: ")
-    assert head.startswith(
-        b"Return-Path: <sender@elsewhere.test>\nReceived: from client.test ([127.0.0.1])\n"
-    )
+    # RFC 5321 4.4: Return-Path first; RFC 8601 4: Authentication-Results above our Received.
+    assert head.startswith(b"Return-Path: <sender@elsewhere.test>\nAuthentication-Results: ")
+    assert b"\nReceived: from client.test ([127.0.0.1])\n" in head
     assert (
         f"by mail.example.test (mailroom) with ESMTP id {queue_id}\n\tfor <alice@example.test>;".encode()
         in head

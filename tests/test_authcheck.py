@@ -1,0 +1,471 @@
+"""mailroom.authcheck and mailroom.psl in-process: the Public Suffix List algorithm, DMARC
+records, Authentication-Results (syntax, stripping), the policy table, and whole checks
+against a fake resolver (``FakeDns``), with DKIM signatures made by mailroom.dkim (RSA and
+Ed25519). The same paths over real sockets, knotd and an independent signer are in
+tests/test_inbound_auth.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import pytest
+
+from mailroom import dkim
+from mailroom.authcheck import (
+    Action,
+    Checker,
+    DkimVerdict,
+    DmarcVerdict,
+    Envelope,
+    Result,
+    SpfVerdict,
+    Verdict,
+    authserv_id_of,
+    decide,
+    parse_dmarc,
+    strip_authentication_results,
+)
+from mailroom.config import InboundSettings
+from mailroom.psl import PublicSuffixList, default_list
+from mailroom.resolver import DnsTemporaryError
+
+# -- Public Suffix List --------------------------------------------------------------------------
+
+RULES = """
+// comment
+com
+uk
+co.uk
+*.ck
+!www.ck
+*.kawasaki.jp
+!city.kawasaki.jp
+jp
+github.io
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "suffix", "org"),
+    [
+        ("example.com", "com", "example.com"),
+        ("a.b.example.com", "com", "example.com"),
+        ("a.b.example.co.uk", "co.uk", "example.co.uk"),
+        ("co.uk", "co.uk", "co.uk"),  # a suffix is its own organizational domain
+        ("foo.ck", "foo.ck", "foo.ck"),  # wildcard *.ck
+        ("a.foo.ck", "foo.ck", "a.foo.ck"),
+        ("www.ck", "ck", "www.ck"),  # exception !www.ck
+        ("a.www.ck", "ck", "www.ck"),
+        ("x.y.kawasaki.jp", "y.kawasaki.jp", "x.y.kawasaki.jp"),
+        ("x.city.kawasaki.jp", "kawasaki.jp", "city.kawasaki.jp"),
+        ("pages.alice.github.io", "github.io", "alice.github.io"),
+        ("mail.example.test", "test", "example.test"),  # no rule: the implicit "*"
+        ("Mail.Example.COM.", "com", "example.com"),
+    ],
+)
+def test_public_suffix_rules(name: str, suffix: str, org: str) -> None:
+    rules = PublicSuffixList(RULES)
+    assert rules.public_suffix(name) == suffix
+    assert rules.organizational_domain(name) == org
+
+
+def test_debians_list_is_used() -> None:
+    psl = default_list()
+    assert psl.organizational_domain("mail.example.co.uk") == "example.co.uk"
+    assert psl.organizational_domain("a.b.example.com") == "example.com"
+    assert psl.organizational_domain("x.alice.github.io") == "alice.github.io"  # private section
+
+
+# -- DMARC records -------------------------------------------------------------------------------
+
+
+def test_parse_dmarc() -> None:
+    assert parse_dmarc("v=DMARC1; p=Reject; sp=quarantine; pct=50; adkim=s") == {
+        "v": "DMARC1",
+        "p": "reject",
+        "sp": "quarantine",
+        "pct": "50",
+        "adkim": "s",
+    }
+    assert parse_dmarc("v=DMARC1; p=bogus") is None  # RFC 7489 6.6.3: no usable policy
+    assert parse_dmarc("v=DMARC1; p=bogus; rua=mailto:a@b.test")["p"] == "none"  # type: ignore[index]
+    assert parse_dmarc("v=DMARC1; p=none; pct=300; sp=x") == {
+        "v": "DMARC1",
+        "p": "none",
+        "pct": "100",
+    }
+
+
+# -- Authentication-Results ----------------------------------------------------------------------
+
+VERDICT = Verdict(
+    SpfVerdict(Result.PASS, "mailfrom", "a.test"),
+    (
+        DkimVerdict(Result.PASS, "a.test", "s1", "rsa-sha256"),
+        DkimVerdict(Result.FAIL, "b.test", "s2", "ed25519-sha256", "body hash mismatch"),
+    ),
+    DmarcVerdict(Result.PASS, "a.test", "reject", "none", "a.test", True, p="reject"),
+)
+
+
+def test_header_syntax() -> None:
+    assert VERDICT.header("mail.example.test") == (
+        b"Authentication-Results: mail.example.test;\r\n"
+        b"\tspf=pass smtp.mailfrom=a.test;\r\n"
+        b"\tdkim=pass header.d=a.test header.s=s1 header.a=rsa-sha256;\r\n"
+        b'\tdkim=fail reason="body hash mismatch" header.d=b.test header.s=s2'
+        b" header.a=ed25519-sha256;\r\n"
+        b"\tdmarc=pass (p=reject dis=none) header.from=a.test\r\n"
+    )
+
+
+def test_header_quotes_hostile_values() -> None:
+    verdict = Verdict(
+        SpfVerdict(Result.NONE, "helo", ""),
+        (DkimVerdict(Result.PERMERROR, 'x;y"z', "a=b", "", "no\r\nkey"),),
+        DmarcVerdict(Result.PERMERROR, ""),
+    )
+    assert verdict.header("mx.test") == (
+        b"Authentication-Results: mx.test;\r\n\tspf=none;\r\n"
+        b'\tdkim=permerror reason="no??key" header.d="x;y\\"z" header.s="a=b";\r\n'
+        b"\tdmarc=permerror\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "authserv_id"),
+    [
+        (" mail.example.test; spf=pass", "mail.example.test"),
+        ("MAIL.Example.test 1; none", "MAIL.Example.test"),
+        (" (comment (nested)) mail.example.test;", "mail.example.test"),
+        ('\r\n\t"mail.example.test"; dkim=pass', "mail.example.test"),
+        (" other.test; spf=pass", "other.test"),
+        ("", None),
+    ],
+)
+def test_authserv_id(value: str, authserv_id: str | None) -> None:
+    assert authserv_id_of(value) == authserv_id
+
+
+def test_strip_only_ours_and_only_in_the_header() -> None:
+    message = (
+        b"Authentication-Results: MAIL.EXAMPLE.TEST; spf=pass\r\n"
+        b"Received: from x\r\n"
+        b"authentication-results: (forged)\r\n mail.example.test;\r\n dkim=pass\r\n"
+        b"Authentication-Results: mx.other.test; spf=fail\r\n"
+        b"Subject: hi\r\n"
+        b"\r\n"
+        b"Authentication-Results: mail.example.test; quoted in the body\r\n"
+    )
+    stripped, count = strip_authentication_results(message, "mail.example.test")
+    assert count == 2
+    assert stripped == (
+        b"Received: from x\r\n"
+        b"Authentication-Results: mx.other.test; spf=fail\r\n"
+        b"Subject: hi\r\n"
+        b"\r\n"
+        b"Authentication-Results: mail.example.test; quoted in the body\r\n"
+    )
+
+
+# -- policy --------------------------------------------------------------------------------------
+
+POLICY = InboundSettings()
+SPF_PASS = SpfVerdict(Result.PASS, "mailfrom", "a.test")
+SPF_FAIL = SpfVerdict(Result.FAIL, "mailfrom", "a.test")
+SPF_TEMP = SpfVerdict(Result.TEMPERROR, "mailfrom", "a.test")
+
+
+def dmarc(
+    result: Result, policy: str = "", disposition: str = "none", aligned: bool = False
+) -> DmarcVerdict:
+    return DmarcVerdict(
+        result, "a.test", policy, disposition, "a.test" if policy else "", aligned, p=policy
+    )
+
+
+@pytest.mark.parametrize(
+    ("spf", "dmarc_verdict", "local", "action"),
+    [
+        (SPF_PASS, dmarc(Result.PASS, "reject", aligned=True), set(), Action.DELIVER),
+        (SPF_FAIL, dmarc(Result.FAIL, "reject", "reject"), set(), Action.REJECT),
+        (SPF_FAIL, dmarc(Result.FAIL, "reject", "quarantine"), set(), Action.JUNK),  # pct
+        (SPF_FAIL, dmarc(Result.FAIL, "quarantine", "quarantine"), set(), Action.JUNK),
+        (SPF_FAIL, dmarc(Result.FAIL, "none", "none"), set(), Action.DELIVER),
+        (SPF_FAIL, dmarc(Result.NONE), set(), Action.JUNK),  # SPF fail, no DMARC record
+        (
+            SpfVerdict(Result.SOFTFAIL, "mailfrom", "a.test"),
+            dmarc(Result.NONE),
+            set(),
+            Action.DELIVER,
+        ),
+        (SPF_TEMP, dmarc(Result.TEMPERROR), set(), Action.DELIVER),
+        (
+            SpfVerdict(Result.NONE, "mailfrom", "a.test"),
+            dmarc(Result.NONE),
+            {"a.test"},
+            Action.REJECT,
+        ),
+        (SPF_PASS, dmarc(Result.NONE, aligned=True), {"a.test"}, Action.DELIVER),
+        (SPF_TEMP, dmarc(Result.NONE), {"a.test"}, Action.DELIVER),  # temperror never rejects
+    ],
+)
+def test_decide(
+    spf: SpfVerdict, dmarc_verdict: DmarcVerdict, local: set[str], action: Action
+) -> None:
+    assert decide(spf, (), dmarc_verdict, local, POLICY)[0] == action
+
+
+def test_decide_follows_the_configured_actions() -> None:
+    policy = InboundSettings(
+        dmarc_reject_action="junk", spf_fail_action="deliver", own_domain_forgery_action="junk"
+    )
+    assert (
+        decide(SPF_FAIL, (), dmarc(Result.FAIL, "reject", "reject"), set(), policy)[0]
+        == Action.JUNK
+    )
+    assert decide(SPF_FAIL, (), dmarc(Result.NONE), set(), policy)[0] == Action.DELIVER
+    assert decide(SPF_FAIL, (), dmarc(Result.NONE), {"a.test"}, policy)[0] == Action.JUNK
+
+
+# -- whole checks against a fake resolver --------------------------------------------------------
+
+
+class FakeDns:
+    """``Records`` from a dict ``{(name, type): [zone-file values]}``; ``delay`` per question."""
+
+    def __init__(self, zone: dict[tuple[str, str], list[str]], delay: float = 0) -> None:
+        self.zone = zone
+        self.delay = delay
+        self.asked: list[tuple[str, str]] = []
+
+    async def records(self, name: str, rdtype: str) -> tuple[Any, ...]:
+        name = name.rstrip(".").lower()
+        self.asked.append((name, rdtype))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if (name, rdtype) in self.zone and self.zone[(name, rdtype)] == ["SERVFAIL"]:
+            raise DnsTemporaryError(f"SERVFAIL for {name}")
+        kind = dns.rdatatype.from_text(rdtype)
+        return tuple(
+            dns.rdata.from_text(dns.rdataclass.IN, kind, value)
+            for value in self.zone.get((name, rdtype), [])
+        )
+
+
+def txt(value: str) -> str:
+    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
+
+
+def run_check(
+    zone: dict[tuple[str, str], list[str]],
+    message: bytes,
+    *,
+    ip: str = "192.0.2.1",
+    mail_from: str = "bounce@a.test",
+    helo: str = "mx.a.test",
+    local: tuple[str, ...] = (),
+    random: float = 0.5,
+    delay: float = 0,
+    policy: InboundSettings = POLICY,
+) -> Verdict:
+    async def check() -> Verdict:
+        with ThreadPoolExecutor(2) as executor:
+            checker = Checker(
+                FakeDns(zone, delay), policy, executor, lambda d: d in local, lambda: random
+            )
+            return await checker.authenticate(message, Envelope(ip, helo, mail_from))
+
+    return asyncio.run(check())
+
+
+def message(sender: str = "alice@a.test", body: str = "Hello.\r\n") -> bytes:
+    return f"From: Alice <{sender}>\r\nTo: bob@example.test\r\nSubject: hi\r\n\r\n{body}".encode()
+
+
+SPF_A = {("a.test", "TXT"): [txt("v=spf1 ip4:192.0.2.1 -all")]}
+
+
+@pytest.mark.parametrize(("ip", "result"), [("192.0.2.1", Result.PASS), ("192.0.2.2", Result.FAIL)])
+def test_spf(ip: str, result: Result) -> None:
+    verdict = run_check(SPF_A, message(), ip=ip)
+    assert verdict.spf == SpfVerdict(result, "mailfrom", "a.test", verdict.spf.detail)
+
+
+def test_spf_of_helo_for_the_null_sender() -> None:
+    zone = {("mx.a.test", "TXT"): [txt("v=spf1 a -all")], ("mx.a.test", "A"): ["192.0.2.1"]}
+    verdict = run_check(zone, message(), mail_from="")
+    assert (verdict.spf.result, verdict.spf.scope, verdict.spf.domain) == (
+        "pass",
+        "helo",
+        "mx.a.test",
+    )
+
+
+def test_spf_lookup_limit_is_permerror() -> None:
+    # RFC 7208 4.6.4: more than 10 mechanisms that need DNS.
+    zone = {
+        ("a.test", "TXT"): [
+            txt("v=spf1 " + " ".join(f"a:h{i}.a.test" for i in range(12)) + " -all")
+        ]
+    }
+    zone.update({(f"h{i}.a.test", "A"): ["192.0.2.99"] for i in range(12)})
+    assert run_check(zone, message()).spf.result == Result.PERMERROR
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> list[dkim.DkimKey]:
+    return dkim.generate(tmp_path_factory.mktemp("dkim"), "a.test")
+
+
+def signed(keys: list[dkim.DkimKey], body: str = "Hello.\r\n") -> bytes:
+    original = message(body=body)
+    return dkim.sign(original, keys) + original
+
+
+def key_zone(keys: list[dkim.DkimKey]) -> dict[tuple[str, str], list[str]]:
+    return {(name, "TXT"): [txt(value)] for name, value in dkim.dns_records(keys)}
+
+
+def test_dkim_rsa_and_ed25519_pass(keys: list[dkim.DkimKey]) -> None:
+    verdict = run_check(key_zone(keys), signed(keys), ip="192.0.2.9")
+    assert [(s.result, s.algorithm) for s in verdict.dkim] == [
+        ("pass", "rsa-sha256"),
+        ("pass", "ed25519-sha256"),
+    ]
+    assert verdict.dmarc.aligned
+
+
+def test_dkim_body_changed_after_signing_fails(keys: list[dkim.DkimKey]) -> None:
+    tampered = signed(keys).replace(b"Hello.", b"Hellx.")
+    verdict = run_check(key_zone(keys), tampered)
+    assert [s.result for s in verdict.dkim] == ["fail", "fail"]
+    assert "body hash" in verdict.dkim[0].detail
+
+
+def test_dkim_without_a_published_key_is_permerror(keys: list[dkim.DkimKey]) -> None:
+    verdict = run_check({}, signed(keys))
+    assert [s.result for s in verdict.dkim] == ["permerror", "permerror"]
+
+
+def test_dkim_key_servfail_is_temperror(keys: list[dkim.DkimKey]) -> None:
+    zone = {name: ["SERVFAIL"] for name in key_zone(keys)}
+    verdict = run_check(zone, signed(keys))
+    assert [s.result for s in verdict.dkim] == ["temperror", "temperror"]
+
+
+DMARC = "_dmarc.a.test"
+
+
+@pytest.mark.parametrize(
+    ("record", "random", "result", "disposition", "action"),
+    [
+        ("v=DMARC1; p=reject", 0.5, "fail", "reject", Action.REJECT),
+        ("v=DMARC1; p=reject; pct=40", 0.5, "fail", "quarantine", Action.JUNK),  # outside pct
+        ("v=DMARC1; p=reject; pct=60", 0.5, "fail", "reject", Action.REJECT),
+        ("v=DMARC1; p=quarantine", 0.5, "fail", "quarantine", Action.JUNK),
+        ("v=DMARC1; p=none", 0.5, "fail", "none", Action.DELIVER),
+    ],
+)
+def test_dmarc_policy_and_pct(
+    record: str, random: float, result: str, disposition: str, action: Action
+) -> None:
+    zone = {**SPF_A, (DMARC, "TXT"): [txt(record)]}
+    verdict = run_check(zone, message(), ip="192.0.2.2", random=random)
+    assert (verdict.dmarc.result, verdict.dmarc.disposition, verdict.action) == (
+        result,
+        disposition,
+        action,
+    )
+
+
+def test_dmarc_subdomain_policy_from_the_organizational_domain() -> None:
+    zone = {
+        ("news.a.test", "TXT"): [txt("v=spf1 -all")],
+        (DMARC, "TXT"): [txt("v=DMARC1; p=none; sp=reject")],
+    }
+    verdict = run_check(zone, message("x@news.a.test"), mail_from="x@news.a.test")
+    assert (verdict.dmarc.policy, verdict.dmarc.used_sp, verdict.dmarc.record_domain) == (
+        "reject",
+        True,
+        "a.test",
+    )
+    assert verdict.action == Action.REJECT
+    assert ("_dmarc.news.a.test", "TXT") in verdict_asked(zone, message("x@news.a.test"))
+
+
+def verdict_asked(zone: dict[tuple[str, str], list[str]], msg: bytes) -> list[tuple[str, str]]:
+    fake = FakeDns(zone)
+
+    async def check() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            await Checker(fake, POLICY, executor, lambda d: False).authenticate(
+                msg, Envelope("192.0.2.1", "h.test", "x@news.a.test")
+            )
+
+    asyncio.run(check())
+    return fake.asked
+
+
+@pytest.mark.parametrize(("aspf", "result"), [("r", "pass"), ("s", "fail")])
+def test_dmarc_spf_alignment_relaxed_and_strict(aspf: str, result: str) -> None:
+    zone = {
+        ("bounces.a.test", "TXT"): [txt("v=spf1 ip4:192.0.2.1 -all")],
+        (DMARC, "TXT"): [txt(f"v=DMARC1; p=reject; aspf={aspf}")],
+    }
+    verdict = run_check(zone, message(), mail_from="x@bounces.a.test")
+    assert verdict.spf.result == "pass"
+    assert verdict.dmarc.result == result
+
+
+def test_own_domain_forgery_is_rejected() -> None:
+    verdict = run_check(
+        {}, message("boss@example.test"), mail_from="x@elsewhere.test", local=("example.test",)
+    )
+    assert verdict.action == Action.REJECT
+    assert "example.test" in verdict.reason
+
+
+def test_dns_timeout_is_temperror_within_the_budget() -> None:
+    policy = InboundSettings(dns_timeout_seconds=0.5)
+    start = time.monotonic()
+    verdict = run_check(SPF_A, message(), delay=10, policy=policy)
+    assert time.monotonic() - start < 3
+    assert (verdict.spf.result, verdict.dmarc.result, verdict.action) == (
+        "temperror",
+        "temperror",
+        Action.DELIVER,
+    )
+
+
+def test_checks_import_lazily(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, mailroom.smtpd; print(sorted({'spf', 'dkim', 'dns'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_journal_fields() -> None:
+    verdict = Verdict(VERDICT.spf, VERDICT.dkim, VERDICT.dmarc, Action.JUNK, "why")
+    assert verdict.journal_fields() == {
+        "MAIL_SPF": "pass mailfrom=a.test",
+        "MAIL_DKIM": "pass:a.test/s1 fail:b.test/s2",
+        "MAIL_DMARC": "pass from=a.test policy=reject disposition=none",
+        "MAIL_ACTION": "junk",
+        "MAIL_ACTION_REASON": "why",
+    }
+
+
+def test_without_a_list_only_the_implicit_rule_applies(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        PublicSuffixList.load(tmp_path / "missing.dat")
+    assert PublicSuffixList("").organizational_domain("a.b.example.co.uk") == "co.uk"
