@@ -386,3 +386,24 @@ def test_index_rebuild_errors(alice: Ctl) -> None:
         "index", "rebuild", "carol@example.test"
     )
     assert not alice.maildir("carol@example.test").exists()
+
+
+def test_bash_completion_is_shipped_current_and_completes_commands() -> None:
+    """packaging/bash-completion/mailroomctl is what click generates for this mailroomctl,
+    and the protocol it speaks completes command names and their subcommands."""
+    script = Path(sys.executable).parent / "mailroomctl"
+    shipped = Path(__file__).parent.parent / "packaging" / "bash-completion" / "mailroomctl"
+
+    def run(**env: str) -> str:
+        out = subprocess.run(
+            [script], env={**os.environ, **env}, capture_output=True, text=True, check=True
+        )
+        return out.stdout
+
+    assert run(_MAILROOMCTL_COMPLETE="bash_source") == shipped.read_text()
+    words = run(_MAILROOMCTL_COMPLETE="bash_complete", COMP_WORDS="mailroomctl qu", COMP_CWORD="1")
+    assert words.split() == ["plain,queue"]
+    words = run(
+        _MAILROOMCTL_COMPLETE="bash_complete", COMP_WORDS="mailroomctl queue ", COMP_CWORD="2"
+    )
+    assert {"plain,list", "plain,flush", "plain,delete", "plain,bounce"} <= set(words.split())

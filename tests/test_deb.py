@@ -144,6 +144,7 @@ def test_contents(deb: Path) -> None:
         "/usr/lib/tmpfiles.d/mailroom.conf",
         "/usr/lib/python3/dist-packages/mailroom/__init__.py",
         "/usr/share/doc/mailroom/copyright",
+        "/usr/share/bash-completion/completions/mailroomctl",
     }
     assert expected <= files, f"missing: {sorted(expected - files)}"
     assert len(UNITS) >= 15 and len(MAN_PAGES) >= 6
