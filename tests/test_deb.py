@@ -40,11 +40,10 @@ SCRIPTS = [
 DEBIAN_DEPENDS = [
     "python3-aiosmtpd", "python3-aiosmtplib", "python3-dkim", "python3-nacl",
     "python3-cryptography", "python3-dnspython", "python3-pydantic", "python3-pydantic-settings",
-    "python3-systemd", "python3-argon2", "python3-click", "python3-rich", "openssl",
+    "python3-systemd", "python3-argon2", "python3-click", "python3-rich", "python3-spf",
+    "publicsuffix", "openssl",
 ]  # fmt: skip
-DEBIAN_RECOMMENDS = [
-    "certbot", "python3-certbot-dns-cloudflare", "python3-textual", "python3-spf", "publicsuffix",
-]  # fmt: skip
+DEBIAN_RECOMMENDS = ["certbot", "python3-certbot-dns-cloudflare", "python3-textual"]
 UNITS = sorted(p.name for p in (ROOT / "systemd").iterdir() if p.suffix in
                {".socket", ".service", ".path", ".timer", ".target"})  # fmt: skip
 MAN_PAGES = sorted(p.name for p in (ROOT / "packaging" / "man").glob("*.8"))
