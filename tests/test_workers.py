@@ -8,6 +8,7 @@ workers through mailroom's activator.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -396,26 +398,48 @@ def greeting(port: int) -> tuple[socket.socket, bytes]:
     return sock, data
 
 
-def test_imapd_workers_share_the_limit_per_address(mail_env: MailEnv) -> None:
+@dataclass
+class TwoWorkers:
+    port: int  # the plain IMAP port
+    pids: list[int]  # the two workers
+    held: list[socket.socket]  # client sockets, closed at the end
+
+
+@contextlib.contextmanager
+def two_imapd_workers(mail_env: MailEnv, config: str = "") -> Iterator[TwoWorkers]:
+    """mailroom-imapd with two workers through mailroom's activator; stopped at the end, and
+    the workers with it."""
     with mail_env.config.open("a") as f:
-        f.write("[imap]\nworkers = 2\nmax_connections_per_ip = 3\n")
+        f.write(f"[imap]\nworkers = 2\n{config}")
     server = Server(mail_env, "mailroom-imapd", ("imap", "imaps"))
-    port = server.ports["imap"]
-    held: list[socket.socket] = []
+    running = TwoWorkers(server.ports["imap"], [], [])
     try:
         wait_for(lambda: len(server.child_pids()) == 1)
         (imapd,) = server.child_pids()
         wait_for(lambda: len(children_of(imapd)) == 2)
-        pids = children_of(imapd)
-        for pid in pids:
+        running.pids = children_of(imapd)
+        for pid in running.pids:
             assert b"mailroom-imapd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        yield running
+    finally:
+        for sock in running.held:
+            sock.close()
+        server.stop()
+    assert not [pid for pid in running.pids if Path(f"/proc/{pid}").exists()]  # stopped too
 
+
+def test_imapd_workers_share_the_limit_per_address(mail_env: MailEnv) -> None:
+    with two_imapd_workers(mail_env, "max_connections_per_ip = 3\n") as imapd:
+        port, held = imapd.port, imapd.held
         # Three connections, on both workers: each holds fewer than the limit by itself.
         on: Counter[int] = Counter()
         deadline = time.monotonic() + DEADLINE
         while len(held) < 3 and time.monotonic() < deadline:
             sock, data = greeting(port)
-            if data.startswith(b"* OK ") and on[worker := serving_worker(sock, port, pids)] < 2:
+            if (
+                data.startswith(b"* OK ")
+                and on[worker := serving_worker(sock, port, imapd.pids)] < 2
+            ):
                 on[worker] += 1
                 held.append(sock)
             else:  # a refusal (a connection closed here not yet released), or a third on one
@@ -438,34 +462,16 @@ def test_imapd_workers_share_the_limit_per_address(mail_env: MailEnv) -> None:
                 break
             time.sleep(0.05)
         assert data.startswith(b"* OK ")
-    finally:
-        for sock in held:
-            sock.close()
-        server.stop()
-    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # stopped with the parent
 
 
 def test_imapd_workers_share_the_connections(mail_env: MailEnv) -> None:
     # Every worker's loop is woken for a new connection; the busier one leaves it to the
     # other, so ten clients are served by both cores (without it, one worker took 6 to 9).
-    with mail_env.config.open("a") as f:
-        f.write("[imap]\nworkers = 2\n")
-    server = Server(mail_env, "mailroom-imapd", ("imap", "imaps"))
-    port = server.ports["imap"]
-    held: list[socket.socket] = []
-    try:
-        wait_for(lambda: len(server.child_pids()) == 1)
-        (imapd,) = server.child_pids()
-        wait_for(lambda: len(children_of(imapd)) == 2)
-        pids = children_of(imapd)
+    with two_imapd_workers(mail_env) as imapd:
         on: Counter[int] = Counter()
         for _ in range(10):
-            sock, data = greeting(port)
+            sock, data = greeting(imapd.port)
             assert data.startswith(b"* OK ")
-            held.append(sock)
-            on[serving_worker(sock, port, pids)] += 1
+            imapd.held.append(sock)
+            on[serving_worker(sock, imapd.port, imapd.pids)] += 1
         assert sorted(on.values()) in ([5, 5], [4, 6]), on
-    finally:
-        for sock in held:
-            sock.close()
-        server.stop()
