@@ -103,7 +103,9 @@ class Endpoint:
 
     factory: ProtocolFactory
     busy_reply: bytes
-    tls: ssl.SSLContext | None = None  # implicit TLS (ports 465, 993, 995): handshake first
+    # Implicit TLS (ports 465, 993, 995): handshake first. A function is asked on each
+    # connection (mailroom.tls.ServerTLS.context); its None (no certificate) hangs up at once.
+    tls: ssl.SSLContext | Callable[[], ssl.SSLContext | None] | None = None
 
 
 class _Refuse(asyncio.Protocol):
@@ -115,13 +117,6 @@ class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         transport.write(self.reply)
-        transport.close()
-
-
-class Hangup(asyncio.Protocol):
-    """For an implicit-TLS port without a certificate: nothing can be said, so close at once."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
 
 
@@ -253,7 +248,7 @@ class _Acceptor:
         self,
         sock: socket.socket,
         factory: ProtocolFactory,
-        tls: ssl.SSLContext | None,
+        tls: ssl.SSLContext | Callable[[], ssl.SSLContext | None] | None,
         shared: SharedCounts | None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
@@ -311,8 +306,12 @@ class _Acceptor:
         return True
 
     async def _connect(self, conn: socket.socket) -> None:
+        tls = self.tls() if callable(self.tls) else self.tls
+        if tls is None and self.tls is not None:
+            conn.close()  # implicit TLS without a certificate: nothing can be said
+            return
         try:
-            await self.loop.connect_accepted_socket(self.factory, conn, ssl=self.tls)
+            await self.loop.connect_accepted_socket(self.factory, conn, ssl=tls)
         except (OSError, ssl.SSLError, TimeoutError) as err:  # a failed TLS handshake, a reset
             log.debug("connection not set up: %s", err)
             conn.close()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from mailroom.accounts import Accounts, User
-from mailroom.activation import Endpoint, Hangup, Limits, serve
+from mailroom.activation import Endpoint, Limits, serve
 from mailroom.config import Settings
 from mailroom.errors import ConnectionLimitError, StoreError
 from mailroom.imap.server import IMAPConnection
@@ -25,7 +25,7 @@ from mailroom.maildir import Maildir
 from mailroom.mailstore import MailStore
 from mailroom.service import Sockets, run
 from mailroom.throttle import AuthThrottle, throttled
-from mailroom.tls import server_context
+from mailroom.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ class SharedStore(MailStore):
 
 
 def session_factory(
-    settings: Settings, accounts: Accounts, throttle: AuthThrottle, starttls: bool
-) -> Callable[[str, bool], SessionConfig]:
+    settings: Settings, accounts: Accounts, throttle: AuthThrottle
+) -> Callable[[str, bool, bool], SessionConfig]:
     """A function making the SessionConfig of one connection from the client's address."""
 
     stores = SharedStores(settings.imap.max_connections_per_user)
@@ -126,7 +126,7 @@ def session_factory(
         maildir = Maildir.for_address(settings.mail_root, user.address, settings.hostname)
         return stores.open(maildir, str(user.address), user.quota_bytes)
 
-    def make(peer: str, implicit_tls: bool) -> SessionConfig:
+    def make(peer: str, implicit_tls: bool, starttls: bool) -> SessionConfig:
         return SessionConfig(
             hostname=settings.hostname,
             implicit_tls=implicit_tls,
@@ -144,7 +144,7 @@ def session_factory(
 
 async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> None:
     loop = asyncio.get_running_loop()
-    tls = server_context(settings.tls_cert, settings.tls_key)
+    tls = ServerTLS.for_clients(settings)
     executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="imap")
     watcher = Watcher()
 
@@ -154,25 +154,25 @@ async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> No
             connection.changed()
 
     loop.add_reader(watcher.fd, on_inotify)
-    make = session_factory(settings, accounts, AuthThrottle(accounts), starttls=tls is not None)
+    make = session_factory(settings, accounts, AuthThrottle(accounts))
     busy = b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
 
     def connection(implicit_tls: bool) -> IMAPConnection:
+        starttls = None if implicit_tls else tls.context()  # the pair of this connection
         return IMAPConnection(
-            lambda peer: IMAPSession(make(peer, implicit_tls)),
-            starttls=tls,
+            lambda peer: IMAPSession(make(peer, implicit_tls, starttls is not None)),
+            starttls=starttls,
             executor=executor,
             watcher=watcher,
         )
 
-    endpoints = {"imap": Endpoint(lambda: connection(False), busy)}
-    if tls is not None:
-        endpoints["imaps"] = Endpoint(lambda: connection(True), busy, tls=tls)
-    else:
-        log.error(
-            "imaps: no TLS certificate at %s; connections on 993 are closed", settings.tls_cert
-        )
-        endpoints["imaps"] = Endpoint(Hangup, busy)
+    if tls.context() is None:
+        log.error("imaps: no TLS certificate at %s; connections are closed", settings.tls_cert)
+    endpoints = {
+        "imap": Endpoint(lambda: connection(False), busy),
+        # 993: asked per connection; the handshake gets the current pair.
+        "imaps": Endpoint(lambda: connection(True), busy, tls=tls.context),
+    }
     try:
         await serve(
             endpoints,

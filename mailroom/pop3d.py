@@ -18,7 +18,7 @@ from mailroom.mailstore import MailStore
 from mailroom.pop3.maildrop import StoreMaildrop
 from mailroom.pop3.server import endpoints
 from mailroom.service import Sockets, run
-from mailroom.tls import server_context
+from mailroom.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> No
             maildir.root, lambda: MailStore(maildir, quota_bytes=user.quota_bytes)
         )
 
-    tls = server_context(settings.tls_cert, settings.tls_key)
+    tls = ServerTLS.for_clients(settings)
     executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="pop3")
     try:
         await serve(

@@ -622,12 +622,14 @@ ENDPOINT_NAMES = ("smtp",)
 
 
 def endpoints(settings: Settings, accounts: Accounts) -> dict[str, Endpoint]:
-    from mailroom.tls import server_context
+    from mailroom.tls import ServerTLS
 
     handler = InboundHandler(settings, accounts)
-    tls = server_context(settings.tls_cert, settings.tls_key)
+    tls = ServerTLS.for_smtp(settings)  # None per connection while no pair loads: no STARTTLS
     busy = (replies.TOO_MANY_CONNECTIONS + "\r\n").encode()
-    endpoint = Endpoint(lambda: InboundSMTP(handler, settings, tls, inbound_auth=True), busy)
+    endpoint = Endpoint(
+        lambda: InboundSMTP(handler, settings, tls.context(), inbound_auth=True), busy
+    )
     return dict.fromkeys(ENDPOINT_NAMES, endpoint)
 
 

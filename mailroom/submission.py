@@ -37,7 +37,7 @@ from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from mailroom import dkim, replies
 from mailroom.accounts import Accounts, User
-from mailroom.activation import Endpoint, Hangup, Limits, serve
+from mailroom.activation import Endpoint, Limits, serve
 from mailroom.addresses import normalise_domain, parse_address
 from mailroom.config import Settings
 from mailroom.errors import DeliveryError, InvalidNameError, MailroomError, QuotaExceededError
@@ -398,24 +398,26 @@ def _user(server: Any) -> User:
 
 
 def endpoints(settings: Settings, accounts: Accounts) -> dict[str, Endpoint]:
-    from mailroom.tls import server_context
+    from mailroom.tls import ServerTLS
 
     handler = SubmissionHandler(settings, accounts, Queue(settings.queue_dir))
-    tls = server_context(settings.tls_cert, settings.tls_key)
+    tls = ServerTLS.for_clients(settings)
     busy = (replies.TOO_MANY_CONNECTIONS + "\r\n").encode()
-    result = {
+    if tls.context() is None:
+        log.error(
+            "submissions: no TLS certificate at %s; connections are closed", settings.tls_cert
+        )
+    # 465: asked per connection (none: hang up); the handshake gets the current pair.
+    return {
         "submission": Endpoint(
-            lambda: SubmissionSMTP(handler, settings, tls, implicit_tls=False), busy
-        )
+            lambda: SubmissionSMTP(handler, settings, tls.context(), implicit_tls=False), busy
+        ),
+        "submissions": Endpoint(
+            lambda: SubmissionSMTP(handler, settings, tls.front, implicit_tls=True),
+            busy,
+            tls=tls.context,
+        ),
     }
-    if tls is not None:
-        result["submissions"] = Endpoint(
-            lambda: SubmissionSMTP(handler, settings, tls, implicit_tls=True), busy, tls=tls
-        )
-    else:
-        log.error("submissions: no TLS certificate at %s; closing connections", settings.tls_cert)
-        result["submissions"] = Endpoint(Hangup, busy)
-    return result
 
 
 async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> None:

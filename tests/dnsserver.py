@@ -5,6 +5,8 @@ in the foreground on ``127.0.0.1`` and a free port (UDP and TCP), and waits unti
 ``set_zone`` publishes a zone (new or changed) and returns once the new serial is served, so a
 test can query it straight away. ``address`` ("127.0.0.1:PORT") is what goes into
 ``[dns] nameservers``. The process is always killed at the end, also when a test fails.
+Every zone takes RFC 2136 updates signed with the TSIG key ``tsig_name``/``tsig_secret``
+(HMAC-SHA256): what certbot-dns-rfc2136 and ``dns publish`` send.
 
     with DnsServer() as dns:
         dns.set_zone("example.test", [("@", "MX", "10 mx.example.test."),
@@ -15,7 +17,9 @@ test can query it straight away. ``address`` ("127.0.0.1:PORT") is what goes int
 
 from __future__ import annotations
 
+import base64
 import itertools
+import secrets
 import shutil
 import socket
 import subprocess
@@ -36,6 +40,7 @@ import pytest
 KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
 KNOTC = shutil.which("knotc") or "/usr/sbin/knotc"
 TTL = 300
+TSIG_ALGORITHM = "hmac-sha256"
 Record = tuple[str, str, str] | str
 
 
@@ -64,6 +69,8 @@ class DnsServer:
         self._serials = itertools.count(int(time.time()))  # only ever grows
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self.tsig_name = "mailroom-test."
+        self.tsig_secret = base64.b64encode(secrets.token_bytes(32)).decode()
 
     @property
     def address(self) -> str:
@@ -207,6 +214,14 @@ class DnsServer:
             "log:\n"
             "  - target: stderr\n"
             "    any: info\n"
+            "key:\n"
+            f"  - id: {self.tsig_name}\n"
+            f"    algorithm: {TSIG_ALGORITHM}\n"
+            f"    secret: {self.tsig_secret}\n"
+            "acl:\n"
+            "  - id: tsig-update\n"
+            f"    key: {self.tsig_name}\n"
+            "    action: update\n"
             "template:\n"
             "  - id: default\n"
             f"    storage: {d / 'zones'}\n"
@@ -214,7 +229,8 @@ class DnsServer:
             "    zonefile-sync: -1\n"
             "    zonefile-load: whole\n"
             "    journal-content: none\n"
-            "    semantic-checks: off\n" + (f"zone:\n{zones}" if zones else "")
+            "    semantic-checks: off\n"
+            "    acl: tsig-update\n" + (f"zone:\n{zones}" if zones else "")
         )
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text(conf)

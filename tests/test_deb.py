@@ -144,11 +144,21 @@ def test_contents(deb: Path) -> None:
         "/usr/lib/python3/dist-packages/mailroom/__init__.py",
         "/usr/share/doc/mailroom/copyright",
         "/usr/share/bash-completion/completions/mailroomctl",
+        "/etc/letsencrypt/renewal-hooks/deploy/mailroom",
     }
     assert expected <= files, f"missing: {sorted(expected - files)}"
+    hook = "./etc/letsencrypt/renewal-hooks/deploy/mailroom"
+    assert any(
+        line.startswith("-rwxr-xr-x")
+        for line in dpkg_deb("-c", deb).splitlines()
+        if line.endswith(hook)
+    )
     assert len(UNITS) >= 15 and len(MAN_PAGES) >= 6
     assert not any("/tests/" in f or "__pycache__" in f for f in files)
-    assert control_file(deb, "conffiles").split() == ["/etc/mailroom/config.toml"]
+    assert control_file(deb, "conffiles").split() == [
+        "/etc/letsencrypt/renewal-hooks/deploy/mailroom",
+        "/etc/mailroom/config.toml",
+    ]
 
 
 def test_shipped_config_validates(

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import ssl
 from collections.abc import Callable
 from concurrent.futures import Executor
 
 from mailroom.accounts import Accounts, User
-from mailroom.activation import Endpoint, Hangup
+from mailroom.activation import Endpoint
 from mailroom.config import Settings
 from mailroom.connection import SessionConnection
 from mailroom.pop3.session import Maildrop, POP3Session, SessionConfig
 from mailroom.throttle import AuthThrottle, throttled
+from mailroom.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -78,35 +78,38 @@ def endpoints(
     settings: Settings,
     accounts: Accounts,
     open_maildrop: Callable[[User], Maildrop],
-    tls: ssl.SSLContext | None,
+    tls: ServerTLS,
     executor: Executor,
 ) -> dict[str, Endpoint]:
     """The endpoints of ``pop3`` (110, STLS) and ``pop3s`` (995, implicit TLS)."""
     throttle = AuthThrottle(accounts)  # failures shared with IMAP and across restarts
 
     def endpoint(implicit_tls: bool) -> Endpoint:
-        make = session_factory(
-            settings,
-            accounts,
-            throttle,
-            open_maildrop,
-            implicit_tls=implicit_tls,
-            starttls=tls is not None,
-        )
+        makers = {
+            starttls: session_factory(
+                settings,
+                accounts,
+                throttle,
+                open_maildrop,
+                implicit_tls=implicit_tls,
+                starttls=starttls,
+            )
+            for starttls in (False, True)
+        }
 
         def connection() -> POP3Connection:
+            starttls = None if implicit_tls else tls.context()  # the pair of this connection
             return POP3Connection(
-                make, starttls=tls, executor=executor, name="POP3", crash_reply=CRASH
+                makers[starttls is not None],
+                starttls=starttls,
+                executor=executor,
+                name="POP3",
+                crash_reply=CRASH,
             )
 
-        return Endpoint(connection, BUSY, tls=tls if implicit_tls else None)
+        # 995: asked per connection (none: hang up); the handshake gets the current pair.
+        return Endpoint(connection, BUSY, tls=tls.context if implicit_tls else None)
 
-    result = {"pop3": endpoint(False)}
-    if tls is not None:
-        result["pop3s"] = endpoint(True)
-    else:
-        log.error(
-            "pop3s: no TLS certificate at %s; connections on 995 are closed", settings.tls_cert
-        )
-        result["pop3s"] = Endpoint(Hangup, BUSY)
-    return result
+    if tls.context() is None:
+        log.error("pop3s: no TLS certificate at %s; connections are closed", settings.tls_cert)
+    return {"pop3": endpoint(False), "pop3s": endpoint(True)}
