@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,11 +33,35 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SNICertificate(_Section):
+    """One ``[[tls.sni]]`` entry: the pair served to clients that ask for ``hostname``."""
+
+    hostname: str
+    cert: Path
+    key: Path
+
+    @field_validator("hostname")
+    @classmethod
+    def _check_hostname(cls, value: str) -> str:
+        value = value.strip().rstrip(".").lower()
+        if not _HOSTNAME_RE.match(value):
+            raise ValueError("must be a host name such as mail.example.net")
+        return value
+
+
 class TLSSettings(_Section):
-    """Certificate and key in use; empty means ``{data_dir}/tls/fullchain.pem``/``privkey.pem``."""
+    """The TLS of every server (see mailroom.tls).
+
+    ``cert``/``key``: the default pair; empty means ``{data_dir}/tls/fullchain.pem`` and
+    ``privkey.pem``. ``sni``: other pairs, each served to the clients asking for its host name
+    (SNI); any other name, or none, gets the default pair. ``smtp_min_version``: the oldest
+    TLS version port 25 accepts (the client ports always want TLS 1.2 or newer).
+    """
 
     cert: Path | None = None
     key: Path | None = None
+    sni: tuple[SNICertificate, ...] = ()
+    smtp_min_version: Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"] = "TLSv1.2"
 
 
 class SMTPSettings(_Section):
@@ -125,10 +150,50 @@ class OutboundSettings(_Section):
     relay: RelaySettings = RelaySettings()
 
 
+ClientService = Literal["submissions", "submission", "imaps", "imap", "pop3s", "pop3"]
+CLIENT_SERVICES: tuple[ClientService, ...] = (
+    "submissions",
+    "submission",
+    "imaps",
+    "imap",
+    "pop3s",
+    "pop3",
+)
+
+
+class DNSPublishSettings(_Section):
+    """How ``mailroomctl dns publish`` reaches the DNS provider (see mailroom.dnspublish).
+
+    ``rfc2136_credentials``: certbot-dns-rfc2136's INI file (``dns_rfc2136_server``, ``_port``,
+    ``_name``, ``_secret``, ``_algorithm``); empty: ``[certbot] rfc2136_credentials``.
+    ``cloudflare_credentials``: certbot-dns-cloudflare's INI file (``dns_cloudflare_api_token``);
+    empty: ``[certbot] cloudflare_credentials``. Both must be mode 0600. ``zone``: the zone
+    the records go into; empty: the mail domain (Cloudflare: the nearest zone it has).
+    """
+
+    rfc2136_credentials: Path | None = None
+    cloudflare_credentials: Path | None = None
+    cloudflare_api_url: str = "https://api.cloudflare.com/client/v4"  # tests: a local fake
+    zone: str = ""
+    ttl: int = Field(default=3600, ge=60, le=86400)  # of the records published
+
+
 class DNSSettings(_Section):
-    """Where DNS questions go; empty means the system resolver."""
+    """Where DNS questions go (empty: the system resolver), and what ``mailroomctl dns``
+    generates, checks and publishes (see mailroom.dnsrecords)."""
 
     nameservers: list[str] = Field(default_factory=list)
+    # The mail host's public addresses: its A/AAAA records, and the PTR the ISP must set.
+    ipv4: IPv4Address | None = None
+    ipv6: IPv6Address | None = None
+    mta_sts_mode: Literal["testing", "enforce", "off"] = "testing"
+    mta_sts_max_age: int = Field(default=604800, ge=86400, le=31557600)  # RFC 8461 3.2
+    dmarc_report_address: str = ""  # rua=; empty: postmaster@DOMAIN
+    tls_report_address: str = ""  # TLS-RPT rua=; empty: postmaster@DOMAIN
+    caa_issuers: list[str] = Field(default_factory=lambda: ["letsencrypt.org"])  # []: no CAA
+    # Offered to mail clients (SRV records); the others get "." targets (RFC 6186 3.4).
+    client_services: list[ClientService] = Field(default_factory=lambda: list(CLIENT_SERVICES))
+    publish: DNSPublishSettings = DNSPublishSettings()
 
 
 InboundAction = Literal["reject", "junk", "deliver"]
@@ -167,6 +232,31 @@ class InboundSettings(_Section):
         return zones
 
 
+CertbotMethod = Literal["dns-cloudflare", "standalone", "webroot", "dns-rfc2136"]
+
+
+class CertbotSettings(_Section):
+    """How ``mailroomctl tls issue`` runs certbot, and where ``tls status`` finds its renewal.
+
+    ``method`` empty: chosen at issue time (Cloudflare credentials set: DNS-01; else a webroot
+    set: webroot; else port 80 free: standalone). ``dns-rfc2136`` (DNS UPDATE with TSIG) is
+    for tests and for admins who run their own DNS server.
+    """
+
+    method: CertbotMethod | None = None
+    email: str = ""  # for Let's Encrypt's expiry mail; empty: registered without one
+    cloudflare_credentials: Path | None = None  # dns_cloudflare_api_token = ..., mode 0600
+    rfc2136_credentials: Path | None = None  # certbot-dns-rfc2136's ini file, mode 0600
+    webroot_path: Path | None = None  # document root of the web server already on port 80
+    http_01_port: int = Field(default=80, ge=1, le=65535)  # standalone (tests change it)
+    http_01_address: str = ""  # standalone: bind only this address; empty: all
+    server: str = ""  # ACME directory URL; empty: Let's Encrypt (tests: pebble)
+    config_dir: Path = Path("/etc/letsencrypt")
+    work_dir: Path = Path("/var/lib/letsencrypt")
+    logs_dir: Path = Path("/var/log/letsencrypt")
+    cert_name: str = Field(default="mailroom", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 class Settings(BaseSettings):
     """Everything configurable, with defaults a home server can run on."""
 
@@ -191,6 +281,7 @@ class Settings(BaseSettings):
     submission: SubmissionSettings = SubmissionSettings()
     outbound: OutboundSettings = OutboundSettings()
     inbound: InboundSettings = InboundSettings()
+    certbot: CertbotSettings = CertbotSettings()
 
     @field_validator("hostname")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any
 
 import click
 
-from mailroom import __version__
+from mailroom import __version__, dnsctl
 from mailroom.accounts import Accounts, User
 from mailroom.addresses import Address, normalise_domain, parse_address
 from mailroom.config import ENV_PREFIX, Settings, config_path, load_settings
@@ -60,6 +61,10 @@ def cli() -> None:
 
 # One @cli.group() per noun. The later groups of design.md (setup, dkim, dns, tls, queue)
 # join as groups of their own in the same shape; `config edit` joins `config`.
+
+# dns records|check|publish and client-config live in mailroom/dnsctl.py.
+cli.add_command(dnsctl.dns_group)
+cli.add_command(dnsctl.client_config)
 
 
 # -- config ----------------------------------------------------------------------------------
@@ -415,7 +420,7 @@ def dkim_group() -> None:
 @click.argument("domain_name", metavar="DOMAIN")
 def dkim_generate(domain_name: str) -> None:
     """Create an RSA-2048 and an Ed25519 key for DOMAIN and print their DNS records."""
-    from mailroom import dkim
+    from mailroom import dkim, dnsrecords
 
     settings = load_settings()
     name = normalise_domain(domain_name)
@@ -427,14 +432,14 @@ def dkim_generate(domain_name: str) -> None:
     keys = dkim.generate(settings.dkim_dir, name)
     click.echo(f"created {len(keys)} DKIM key(s) for {_show_domain(name)}; publish in DNS:")
     for record, value in dkim.dns_records(keys):
-        click.echo(f"{record}. IN TXT {_txt(value)}")
+        click.echo(f"{record}. IN TXT {dnsrecords.txt(value)}")
 
 
 @dkim_group.command("show")
 @click.argument("domain_name", metavar="DOMAIN")
 def dkim_show(domain_name: str) -> None:
     """Print the DNS TXT records of DOMAIN's DKIM keys."""
-    from mailroom import dkim
+    from mailroom import dkim, dnsrecords
 
     settings = load_settings()
     name = normalise_domain(domain_name)
@@ -444,7 +449,162 @@ def dkim_show(domain_name: str) -> None:
             f"{_show_domain(name)} has no DKIM keys; create them: {PROG} dkim generate {name}"
         )
     for record, value in dkim.dns_records(keys):
-        click.echo(f"{record}. IN TXT {_txt(value)}")
+        click.echo(f"{record}. IN TXT {dnsrecords.txt(value)}")
+
+
+# -- tls -------------------------------------------------------------------------------------
+
+
+@cli.group("tls")
+def tls_group() -> None:
+    """Let's Encrypt certificates through certbot: issue, install, status."""
+
+
+@tls_group.command("issue", context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--method",
+    type=click.Choice(["dns-cloudflare", "standalone", "webroot", "dns-rfc2136"]),
+    help="How to prove the hostname (default: [certbot] method, else chosen: see below).",
+)
+@click.option(
+    "--credentials",
+    type=click.Path(path_type=Path),
+    help="The DNS plugin's credentials file, mode 0600 (Cloudflare: dns_cloudflare_api_token).",
+)
+@click.option("--webroot-path", type=click.Path(path_type=Path), help="Web server document root.")
+@click.option("--email", help="Address for Let's Encrypt's expiry mail.")
+@click.option("--staging", is_flag=True, help="Use Let's Encrypt's staging server (a test).")
+@click.option("--server", help="ACME directory URL (default: Let's Encrypt).")
+@click.option("--http-01-port", type=int, help="Standalone: port to listen on (default 80).")
+@click.option("--http-01-address", help="Standalone: address to listen on (default all).")
+@click.option("--config-dir", type=click.Path(path_type=Path), help="certbot's config dir.")
+@click.option("--work-dir", type=click.Path(path_type=Path), help="certbot's work dir.")
+@click.option("--logs-dir", type=click.Path(path_type=Path), help="certbot's logs dir.")
+@click.option("--dry-run", is_flag=True, help="Check and print the certbot command; run nothing.")
+@click.argument("certbot_args", nargs=-1, type=click.UNPROCESSED)
+def tls_issue(
+    method: str | None,
+    credentials: Path | None,
+    webroot_path: Path | None,
+    email: str | None,
+    staging: bool,
+    server: str | None,
+    http_01_port: int | None,
+    http_01_address: str | None,
+    config_dir: Path | None,
+    work_dir: Path | None,
+    logs_dir: Path | None,
+    dry_run: bool,
+    certbot_args: tuple[str, ...],
+) -> None:
+    """Get a certificate for the mail hostname from Let's Encrypt with certbot and install it.
+
+    \b
+    Methods (options override the [certbot] section of the configuration):
+      dns-cloudflare  DNS-01 through the Cloudflare API: no port 80 needed
+      standalone      HTTP-01, certbot listens on port 80 (it must be free)
+      webroot         HTTP-01 through the web server already on port 80
+    Without --method: Cloudflare credentials configured -> dns-cloudflare; a webroot
+    configured -> webroot; port 80 free -> standalone; else it says what to do.
+    certbot's own timer renews the certificate and runs `mailroomctl tls deploy-hook`.
+    Arguments after -- go to certbot unchanged.
+    """
+    from mailroom import certs
+
+    settings = load_settings()
+    cb = settings.certbot
+    port = http_01_port or cb.http_01_port
+    address = cb.http_01_address if http_01_address is None else http_01_address
+    cloudflare, rfc2136 = cb.cloudflare_credentials, cb.rfc2136_credentials
+    webroot = webroot_path or cb.webroot_path
+    chosen = method or cb.method
+    if chosen is None and credentials is not None:
+        chosen = "dns-cloudflare"
+    if chosen is None:
+        chosen = certs.choose_method(
+            cloudflare_credentials=cloudflare,
+            rfc2136_credentials=rfc2136,
+            webroot_path=webroot,
+            http_01_port=port,
+            http_01_address=address,
+        )
+    how = certs.Method(chosen)
+    if credentials is None:
+        credentials = cloudflare if how is certs.Method.DNS_CLOUDFLARE else rfc2136
+    request = certs.IssueRequest(
+        hostname=settings.hostname,
+        method=how,
+        deploy_hook=certs.deploy_hook_command(),
+        cert_name=cb.cert_name,
+        email=cb.email if email is None else email,
+        credentials=credentials,
+        webroot_path=webroot,
+        http_01_port=port,
+        http_01_address=address,
+        server=cb.server if server is None else server,
+        staging=staging,
+        config_dir=config_dir or cb.config_dir,
+        work_dir=work_dir or cb.work_dir,
+        logs_dir=logs_dir or cb.logs_dir,
+        extra_args=certbot_args,
+    )
+    certs.check_request(request)
+    argv = certs.issue_command(request)
+    click.echo(f"running: {shlex.join(argv)}", err=True)
+    if dry_run:
+        return
+    certs.run_certbot(argv)
+    # certbot has run the hook when it issued; when it kept a certificate not yet due for
+    # renewal it has not: install the lineage (unchanged if the hook did).
+    installed = certs.install(settings, certs.lineage_dir(request.config_dir, request.cert_name))
+    click.echo(
+        f"installed the certificate for {', '.join(installed.info.names)}"
+        f" (valid until {installed.info.not_after:%Y-%m-%d}) as {settings.tls_cert}"
+    )
+
+
+@tls_group.command("deploy-hook")
+@click.option(
+    "--lineage",
+    type=click.Path(path_type=Path),
+    help="certbot's live/NAME directory (default: $RENEWED_LINEAGE, set by certbot).",
+)
+def tls_deploy_hook(lineage: Path | None) -> None:
+    """Install a certbot lineage's certificate and key (what certbot runs after issue and
+    renewal). Checked first: the key matches, the certificate is valid now and names the
+    hostname; on any problem the pair in use is kept and the exit status is 1."""
+    from mailroom import certs
+
+    if lineage is None:
+        renewed = os.environ.get("RENEWED_LINEAGE")
+        if not renewed:
+            raise click.UsageError("no lineage: certbot sets $RENEWED_LINEAGE, or use --lineage")
+        lineage = Path(renewed)
+    settings = load_settings()
+    try:
+        installed = certs.install(settings, lineage)
+    except certs.CertError as err:
+        raise certs.CertError(f"tls deploy-hook: refused: {err}; kept the pair in use") from None
+    info = installed.info
+    what = "installed" if installed.changed else "unchanged:"
+    click.echo(
+        f"{what} certificate for {', '.join(info.names)}, valid until"
+        f" {info.not_after:%Y-%m-%d}, in {settings.tls_cert}"
+    )
+
+
+@tls_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def tls_status(as_json: bool) -> None:
+    """The certificate in use: names, issuer, days left, where it is served, renewal."""
+    from mailroom import certs
+
+    data = certs.status(load_settings())
+    if as_json:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    for line in certs.status_lines(data):
+        click.echo(line)
 
 
 # -- queue -----------------------------------------------------------------------------------
@@ -531,11 +691,6 @@ def _when(timestamp: float) -> str:
     if left <= 0:
         return "now"
     return f"in {int(left // 60)} min" if left < 3600 else f"in {left / 3600:.1f} h"
-
-
-def _txt(value: str) -> str:
-    """A TXT value in zone-file form: strings of at most 255 octets (RFC 1035 3.3.14)."""
-    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
 
 
 def _become_owner(path: Path) -> None:

@@ -368,26 +368,16 @@ def make_certificate(settings: Settings, echo: Echo) -> None:
 
 
 def dns_records(settings: Settings, domain: str) -> list[str]:
-    """The zone-file lines ``domain`` needs: MX, SPF, DKIM, DMARC."""
-    lines = [
-        f"{domain}. IN MX 10 {settings.hostname}.",
-        f'{domain}. IN TXT "v=spf1 mx -all"',
-    ]
-    keys = dkim.load_keys(settings.dkim_dir, domain)
-    lines += [f"{name}. IN TXT {txt(value)}" for name, value in dkim.dns_records(keys)]
-    lines.append(f'_dmarc.{domain}. IN TXT "v=DMARC1; p=none; rua=mailto:postmaster@{domain}"')
-    return lines
+    """The zone-file lines ``domain`` needs (mailroom.dnsrecords owns them)."""
+    from mailroom import dnsrecords
+
+    return [record.zone_line() for record in dnsrecords.generate(settings, domain).records]
 
 
 def print_records(settings: Settings, domain: str, echo: Echo) -> None:
     echo(f"publish these DNS records for {domain}:")
     for line in dns_records(settings, domain):
         echo(f"  {line}")
-
-
-def txt(value: str) -> str:
-    """A TXT value in zone-file form: strings of at most 255 octets (RFC 1035 3.3.14)."""
-    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
 
 
 # -- 7. check --------------------------------------------------------------------------------
