@@ -273,6 +273,17 @@ def user_quota(address: str, size: int) -> None:
 @click.option(
     "--data-dir", help="Where all state lives (default: the config's, or /var/lib/mailroom)."
 )
+@click.option(
+    "--certbot/--no-certbot",
+    default=None,
+    help="Get a Let's Encrypt certificate with `tls issue` (the self-signed one stays if it"
+    " fails). Interactive default: ask.",
+)
+@click.option(
+    "--publish-dns",
+    type=click.Choice(["rfc2136", "cloudflare"]),
+    help="Publish the domain's records with `dns publish` through this provider.",
+)
 @_password_stdin
 def setup_command(
     non_interactive: bool,
@@ -280,6 +291,8 @@ def setup_command(
     domain_name: str | None,
     user_address: str | None,
     data_dir: str | None,
+    certbot: bool | None,
+    publish_dns: str | None,
     password_stdin: bool,
 ) -> int:
     """First-run wizard: config, directories, domain and first user, DKIM, TLS, DNS records.
@@ -329,10 +342,43 @@ def setup_command(
         else:
             password = _read_password(password_stdin)
         answers = replace(answers, password=password, change_password=change)
+        if certbot is None:
+            certbot = click.confirm(
+                "Get a Let's Encrypt certificate now with certbot (needs DNS pointing here,"
+                " and port 80 free or DNS API credentials)?",
+                default=False,
+            )
     _, logged_in = setup.run(answers, path, echo=click.echo, become_owner=_become_owner)
+    if certbot:
+        _setup_step("Let's Encrypt certificate", "the self-signed certificate stays", tls_issue)
+    if publish_dns:
+        _setup_step(
+            f"publishing the DNS records of {answers.domain} ({publish_dns})",
+            "publish them by hand (above), or run `dns publish` again",
+            dnsctl.dns_publish,
+            domain_name=answers.domain,
+            provider=publish_dns,
+        )
     if not logged_in:
         raise MailroomError(f"{answers.user} cannot log in with the password given")
     return 0
+
+
+def _setup_step(what: str, otherwise: str, command: click.Command, **values: object) -> None:
+    """Run another mailroomctl command as a step of setup, with its defaults and ``values``;
+    a failure is reported and setup goes on (what it made already works)."""
+    click.echo(f"setup: {what}")
+    ctx = click.get_current_context()
+    params: dict[str, object] = {}
+    for param in command.params:
+        if param.name is not None:
+            value = param.get_default(ctx)
+            many = param.nargs == -1 or getattr(param, "multiple", False)
+            params[param.name] = () if value is None and many else value
+    try:
+        ctx.invoke(command, **{**params, **values})
+    except MailroomError as err:
+        click.echo(f"setup: {what} failed: {err}; {otherwise}")
 
 
 # -- alias -----------------------------------------------------------------------------------

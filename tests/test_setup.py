@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import tomllib
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from mailroom import dkim
+from tests.dnsserver import free_udp_tcp_port as free_port
 from tests.test_ctl import PASSWORD, Ctl
 
 PACKAGED_CONFIG = Path(__file__).parent.parent / "packaging" / "config.toml"
@@ -168,6 +171,7 @@ def test_interactive_setup_asks_with_defaults(ctl: Ctl) -> None:
             ("First user [", USER),
             ("Password: ", "typed password"),
             ("Repeat for confirmation: ", "typed password"),
+            ("Get a Let's Encrypt certificate now", ""),  # no: the self-signed one
         ],
     )
     assert code == 0, out
@@ -186,8 +190,31 @@ def test_interactive_setup_asks_with_defaults(ctl: Ctl) -> None:
             (f"Mail domain [{DOMAIN}]: ", ""),
             ("First user [", USER),
             (f"{USER} exists; set a new password? [y/N]: ", ""),
+            ("Get a Let's Encrypt certificate now", ""),
         ],
     )
     assert code == 0, out
     assert "done:" not in out
     assert f"login of {USER} not tried" in out
+
+
+def test_certbot_and_dns_publishing_that_fail_leave_a_working_setup(
+    ctl: Ctl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """setup --certbot tries `tls issue` and --publish-dns `dns publish`; here neither can work
+    (no ACME server answers, no DNS credentials), so each says why and what stays, and setup
+    still finishes with the self-signed certificate. The successful paths are test_certs.py's
+    (pebble) and test_dns.py's (knotd), through the same commands."""
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # certbot
+    ctl.config.write_text(
+        f'[certbot]\nserver = "https://127.0.0.1:9/directory"\nhttp_01_port = {free_port()}\n'
+        f'config_dir = "{tmp_path}/le"\nwork_dir = "{tmp_path}/le-work"\n'
+        f'logs_dir = "{tmp_path}/le-logs"\n'
+    )
+    out = setup(ctl, "--certbot", "--publish-dns", "rfc2136")
+    assert "setup: Let's Encrypt certificate failed: certbot failed" in out, out
+    assert "the self-signed certificate stays" in out
+    assert f"setup: publishing the DNS records of {DOMAIN} (rfc2136) failed: " in out, out
+    cert = x509.load_pem_x509_certificate((ctl.data_dir / "tls" / "fullchain.pem").read_bytes())
+    assert cert.issuer == cert.subject  # still the self-signed one
+    assert f"check: {USER} can log in" in out
