@@ -3,9 +3,9 @@ script against a real knotd on loopback (tests/dnsserver.py) and, for Cloudflare
 of its API.
 
 The generated records are checked by parsers that are not mailroom's generator: pyspf
-evaluates the SPF record, dkimpy verifies a signature against the published DKIM record,
-authcheck's DMARC parser (the one inbound mail uses) and mailroom.mtasts's policy parser read
-DMARC and MTA-STS.
+evaluates the SPF record, dkimpy verifies a signature against the published DKIM record, the
+PyPI package dmarc and authcheck's parser (the one inbound mail uses) read DMARC, and
+mailroom.mtasts's policy parser reads MTA-STS.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
+import dmarc as dmarc_parser  # type: ignore[import-untyped]
 import dns.message
 import dns.name
 import dns.query
@@ -114,6 +115,10 @@ def test_records_cover_every_kind_and_independent_parsers_accept_them(tmp_path: 
         "rua": "mailto:postmaster@gen.test",
         "pct": "100",
     }
+    # ... and an independent one: the PyPI package dmarc, strict.
+    independent = dmarc_parser.DMARC().parse_record(dmarc, domain="gen.test")
+    assert independent.p is dmarc_parser.DMARCDisposition.NONE
+    assert independent.rua == ["mailto:postmaster@gen.test"]
     # TLS-RPT (RFC 8460 3).
     assert by_kind["TLS-RPT"][0]["value"] == "v=TLSRPTv1; rua=mailto:postmaster@gen.test"
     # MTA-STS: the id parses, and the policy is one the client side accepts for the MX.
