@@ -7,13 +7,15 @@ import json
 import sys
 from collections.abc import Callable
 
-from tests.bench import imap, outbound, pop3, smtp_inbound
+from tests.bench import cold_start, imap, memory, outbound, pop3, smtp_inbound
 
 SCENARIOS: dict[str, Callable[..., list[smtp_inbound.Row]]] = {
     "smtp-inbound": smtp_inbound.run,
     "imap": imap.run,
     "pop3": pop3.run,
     "outbound": outbound.run,
+    "cold-start": cold_start.run,
+    "memory": memory.run,
 }
 
 

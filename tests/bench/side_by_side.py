@@ -76,8 +76,11 @@ def start_dovecot(
     port: int,
     password: str,
     protocol: Protocol = "imap",
+    plain_port: int = 0,
+    max_connections: int = 20,
 ) -> subprocess.Popen[bytes]:
-    """Dovecot serving ``maildir`` over ``protocol`` with implicit TLS on 127.0.0.1:``port``."""
+    """Dovecot serving ``maildir`` over ``protocol`` with implicit TLS on 127.0.0.1:``port``
+    (and on ``plain_port`` without TLS, if given: its greeting, no login without STARTTLS)."""
     conf = work / "dovecot.conf"
     for sub in ("run", "state", "home"):
         (work / sub).mkdir(exist_ok=True)
@@ -98,8 +101,9 @@ auth_mechanisms = plain
 first_valid_uid = 100
 mail_location = maildir:{maildir}
 protocol imap {{
-  mail_max_userip_connections = 20
+  mail_max_userip_connections = {max_connections}
 }}
+default_process_limit = {max(100, 2 * max_connections)}
 passdb {{
   driver = static
   args = password={_argon2id(password)}
@@ -110,7 +114,8 @@ userdb {{
 }}
 service {protocol}-login {{
   inet_listener {protocol} {{
-    port = 0
+    address = 127.0.0.1
+    port = {plain_port}
   }}
   inet_listener {protocol}s {{
     address = 127.0.0.1

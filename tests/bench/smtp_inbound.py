@@ -39,9 +39,12 @@ class Row:
 
     @property
     def ratio(self) -> float:
-        """How mailroom compares, higher is better: rates divide, durations divide the other way."""
-        if self.unit == "ms":
-            return self.anchor / self.mailroom if self.mailroom else 0.0
+        """How mailroom compares, higher is better: rates divide, durations, memory and process
+        counts divide the other way (none of it where the anchor has some: infinitely better)."""
+        if self.unit in ("ms", "MB", "count"):
+            if not self.mailroom:
+                return float("inf") if self.anchor else 0.0
+            return self.anchor / self.mailroom
         return self.mailroom / self.anchor if self.anchor else 0.0
 
 
