@@ -55,7 +55,7 @@ virtual_uid_maps = static:{uid}
 virtual_gid_maps = static:{gid}
 smtputf8_enable = no
 biff = no
-"""
+{transport}"""
 
 MASTER_CF = """\
 127.0.0.1:{port} inet n - n - - smtpd
@@ -77,6 +77,7 @@ retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
 local     unix  -       n       n       -       -       local
 virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 tlsmgr    unix  -       -       n       1000?   1       tlsmgr
@@ -110,7 +111,10 @@ class PostfixPeer:
         key: Path,
         hostname: str = "mx.peer.test",
         recipient_restrictions: str = "permit_mynetworks, reject_unauth_destination",
+        transport: str = "",
     ) -> None:
+        """``transport``: where the mailboxes' mail goes instead of virtual(8)'s Maildirs, e.g.
+        ``lmtp:inet:127.0.0.1:PORT`` (Dovecot LMTP, for the benchmark)."""
         self.port = port
         # Outside pytest's 0700 tmp tree: virtual(8) runs as an unprivileged uid.
         self.root = Path(tempfile.mkdtemp(prefix="mailroom-postfix-"))
@@ -135,6 +139,7 @@ class PostfixPeer:
                 uid=user.pw_uid,
                 gid=user.pw_gid,
                 recipient_restrictions=recipient_restrictions,
+                transport=f"virtual_transport = {transport}\n" if transport else "",
             )
         )
         (self.config / "master.cf").write_text(MASTER_CF.format(port=port))

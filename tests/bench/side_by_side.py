@@ -129,6 +129,47 @@ service {protocol}-login {{
     return proc
 
 
+def start_dovecot_lmtp(work: Path, maildir: Path, port: int) -> subprocess.Popen[bytes]:
+    """Dovecot's LMTP server on 127.0.0.1:``port`` delivering every recipient into ``maildir``
+    (the last hop of the Postfix -> Dovecot LMTP -> Maildir anchor)."""
+    for sub in ("run", "state", "home"):
+        (work / sub).mkdir(exist_ok=True)
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    work.chmod(0o711)
+    subprocess.run(["chown", "-R", "dovecot:dovecot", str(maildir), str(work / "home")], check=True)
+    conf = work / "dovecot-lmtp.conf"
+    conf.write_text(
+        f"""
+base_dir = {work}/run
+state_dir = {work}/state
+log_path = {work}/dovecot-lmtp.log
+protocols = lmtp
+listen = 127.0.0.1
+ssl = no
+first_valid_uid = 100
+mail_location = maildir:{maildir}
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+userdb {{
+  driver = static
+  args = uid=dovecot gid=dovecot home={work}/home allow_all_users=yes
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+"""
+    )
+    proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
 @dataclass(frozen=True)
 class Servers:
     mailroom_port: int  # the implicit-TLS port of mailroom's program
