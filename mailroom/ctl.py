@@ -72,7 +72,7 @@ cli.add_command(dnsctl.client_config)
 
 @cli.group()
 def config() -> None:
-    """Check the configuration."""
+    """Check or edit the configuration."""
 
 
 @config.command("check")
@@ -91,6 +91,25 @@ def config_check(as_json: bool) -> None:
         click.echo(f"# overridden from the environment: {', '.join(overrides)}")
     click.echo("# effective settings, defaults included:")
     click.echo("\n".join(_toml(data)))
+
+
+@config.command("edit")
+def config_edit() -> None:
+    """Edit the configuration, domains, users and aliases in a terminal UI (textual).
+
+    Every change is checked as you type; Ctrl+S shows the diff and saves, keeping comments and
+    the previous file as config.toml.bak. Also shows TLS, DNS, queue and service status.
+    """
+    try:  # textual loads only here: the other commands start fast without it
+        from mailroom.tui import app
+    except ImportError as err:
+        raise MailroomError(
+            f"config edit needs textual and tomlkit ({err.name} is missing):"
+            " apt install python3-textual python3-tomlkit"
+        ) from None
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        raise click.UsageError("config edit needs a terminal")
+    app.run(config_path())
 
 
 # -- domain ----------------------------------------------------------------------------------

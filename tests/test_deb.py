@@ -41,7 +41,7 @@ DEBIAN_DEPENDS = [
     "python3-aiosmtpd", "python3-aiosmtplib", "python3-dkim", "python3-nacl",
     "python3-cryptography", "python3-dnspython", "python3-pydantic", "python3-pydantic-settings",
     "python3-systemd", "python3-argon2", "python3-click", "python3-rich", "python3-spf",
-    "publicsuffix", "openssl",
+    "python3-tomlkit", "publicsuffix", "openssl",
 ]  # fmt: skip
 DEBIAN_RECOMMENDS = ["certbot", "python3-certbot-dns-cloudflare", "python3-textual"]
 UNITS = sorted(p.name for p in (ROOT / "systemd").iterdir() if p.suffix in
