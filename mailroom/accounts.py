@@ -99,6 +99,13 @@ class User:
     quota_bytes: int  # 0 = unlimited
 
 
+# Each argon2id computation holds its 64 MiB while it runs: without a bound, the 32 threads of a
+# server's executor logging in at once took 2 GiB (tests/security/test_load.py). Waiting here
+# costs a wrong password and a right one the same, so it keeps the timing equal.
+MAX_CONCURRENT_HASHES = 2
+_HASHING = threading.BoundedSemaphore(MAX_CONCURRENT_HASHES)
+
+
 def default_hasher() -> PasswordHasher:
     """argon2id with RFC 9106 4's second recommended option (64 MiB, t=3, p=4)."""
     return PasswordHasher(time_cost=3, memory_cost=64 * 1024, parallelism=4)
@@ -429,7 +436,8 @@ class Accounts:
 
     def _verify(self, stored: str, password: str) -> bool:
         try:
-            return bool(self._hasher.verify(stored, password))
+            with _HASHING:
+                return bool(self._hasher.verify(stored, password))
         except (VerificationError, InvalidHash):
             return False
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3
 DEFER_SECONDS = 0.005  # how long a busier worker leaves a new connection to the others
 ACCEPT_BATCH = 64  # connections taken per wakeup, at most
+HANDSHAKE_TIMEOUT = 10.0  # implicit TLS: a client silent this long is hung up on (asyncio: 60)
 
 
 def inherited_sockets(environ: Mapping[str, str] | None = None) -> dict[str, list[socket.socket]]:
@@ -311,7 +312,12 @@ class _Acceptor:
             conn.close()  # implicit TLS without a certificate: nothing can be said
             return
         try:
-            await self.loop.connect_accepted_socket(self.factory, conn, ssl=tls)
+            await self.loop.connect_accepted_socket(
+                self.factory,
+                conn,
+                ssl=tls,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None,
+            )
         except (OSError, ssl.SSLError, TimeoutError) as err:  # a failed TLS handshake, a reset
             log.debug("connection not set up: %s", err)
             conn.close()

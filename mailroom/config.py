@@ -273,6 +273,12 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30, ge=0)
     message_size_limit: int = Field(default=25 * 1024 * 1024, ge=1024, le=1024**3)
     log_level: str = "INFO"
+    # Failed logins (IMAP, POP3, submission together; mailroom.throttle): per client address
+    # and per account name within the window, then a temporary refusal until it passes.
+    login_failures_per_ip: int = Field(default=10, ge=1)
+    login_failures_per_account: int = Field(default=30, ge=1)
+    login_failure_window_seconds: float = Field(default=900, ge=1)
+    login_failure_delay_seconds: float = Field(default=0.5, ge=0, le=60)  # doubles per failure
     tls: TLSSettings = TLSSettings()
     smtp: SMTPSettings = SMTPSettings()
     imap: IMAPSettings = IMAPSettings()

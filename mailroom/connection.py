@@ -180,6 +180,8 @@ class SessionConnection(asyncio.Protocol):
                 if item is _HANGUP:
                     break
                 if item is _TIMEOUT:
+                    if loop.time() < self.active_at + session.timeout:
+                        continue  # queued while a command ran (a login waiting for its hash)
                     self.write(await loop.run_in_executor(self.executor, session.timed_out))
                     self.abort()
                     break

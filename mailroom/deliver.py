@@ -243,7 +243,10 @@ class Runner:
                     log.exception("%s: delivery failed", queue_id, extra={"QUEUE_ID": queue_id})
 
         while True:
-            due = [m.id for m in self.queue.due(self.now()) if m.id not in seen]
+            now = self.now()
+            # A message with nothing left to try is one a killed runner saved but did not
+            # remove (or bounce): finish() does that now, else it would stay for ever.
+            due = [m.id for m in self.queue.list() if (m.due(now) or m.done) and m.id not in seen]
             if not due:
                 return len(seen)
             seen.update(due)

@@ -154,7 +154,7 @@ async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> No
             connection.changed()
 
     loop.add_reader(watcher.fd, on_inotify)
-    make = session_factory(settings, accounts, AuthThrottle(accounts))
+    make = session_factory(settings, accounts, AuthThrottle.from_settings(settings, accounts))
     busy = b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
 
     def connection(implicit_tls: bool) -> IMAPConnection:

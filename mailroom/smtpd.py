@@ -18,6 +18,7 @@ Built on aiosmtpd. What this module adds to it and promises:
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import itertools
 import logging
@@ -59,6 +60,7 @@ _HELO_RE = re.compile(
 _READ_LIMIT = 64 * 1024
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[\x21-\x7e]{1,250}>)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HTTP = re.compile(rb"^[A-Z]{3,7} \S+ HTTP/\d")  # a request line, as IMAP and POP3 check
 
 
 _ID_PREFIX = secrets.token_hex(3).upper()
@@ -106,6 +108,7 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
         # checks each command and DATA line against line_length_limit after reading it.
         self.line_length_limit = _READ_LIMIT
         self._plain_replies = False
+        self._data_seen = False  # the first bytes may be an HTTP request
         super().__init__(
             handler,
             data_size_limit=settings.message_size_limit,
@@ -116,6 +119,11 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
             timeout=timeout or settings.smtp.timeout_seconds,
             loop=asyncio.get_running_loop(),
             **options,
+        )
+        # aiosmtpd keeps command_size_limits on the class: every new session clears the dict
+        # the others use (their EHLO extensions, submission's AUTH). One per session instead.
+        self.command_size_limits: collections.defaultdict[str, int] = collections.defaultdict(
+            lambda: SMTP.command_size_limit
         )
         # RFC 5321 4.5.3.1.6: 1000 octets per line including CRLF, plus the transparency dot.
         self.max_line_length = settings.smtp.max_line_length
@@ -140,6 +148,14 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
+        if not self._data_seen:
+            self._data_seen = True
+            if _HTTP.match(data) and isinstance(self.transport, asyncio.WriteTransport):
+                # A browser made to send a form here (a cross-protocol attack): hang up before
+                # any line of it runs as a command. Postfix answers the same way.
+                self.transport.write(b"521 5.5.1 This is an SMTP server, not HTTP\r\n")
+                self.transport.close()
+                return
         # RFC 5321 4.5.3.2.5/6: the timeout runs between blocks of data, not over the whole DATA.
         self._reset_timeout()
         super().data_received(data)

@@ -31,11 +31,11 @@ import ssl
 import time
 from datetime import UTC, datetime
 from email.utils import format_datetime, getaddresses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
-from mailroom import dkim, replies
+from mailroom import replies
 from mailroom.accounts import Accounts, User
 from mailroom.activation import Endpoint, Limits, serve
 from mailroom.addresses import normalise_domain, parse_address
@@ -54,7 +54,10 @@ from mailroom.smtpd import (
     _printable,
     new_queue_id,
 )
-from mailroom.throttle import AuthThrottle, throttled
+from mailroom.throttle import AuthThrottle, TooManyFailures, throttled
+
+if TYPE_CHECKING:
+    from mailroom.dkim import DkimKey  # dkimpy and dnspython load on the first signature
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ FROM_NOT_YOURS = "550 5.7.1 From: address {address} is not yours: send as {user}
 NO_FROM = "550 5.6.0 The message has no From: address"
 NULL_SENDER = "550 5.7.1 Users may not send with the null sender <>"
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+AUTH_LOCKED = "454 4.7.0 Too many failed logins; try again later"  # RFC 4954 6
 QUEUED = "250 2.0.0 Ok: queued as {id}"
 
 
@@ -98,6 +102,7 @@ class SubmissionSMTP(InboundSMTP):
             require_starttls=not implicit_tls and tls is not None,
         )
         self.line_length_limit = AUTH_LINE_LIMIT
+        self.command_size_limits["AUTH"] = AUTH_LINE_LIMIT - 2  # aiosmtpd's default: 512
         self.submission_handler = handler
         self.implicit_tls = implicit_tls
         self.user: User | None = None
@@ -162,7 +167,10 @@ class SubmissionSMTP(InboundSMTP):
         if any(c in username for c in "\r\n\0"):
             return AuthResult(success=False, handled=False, message=AUTH_FAILED)
         assert self.session is not None
-        user = await self.submission_handler.authenticate(self.session, username, secret)
+        try:
+            user = await self.submission_handler.authenticate(self.session, username, secret)
+        except TooManyFailures:
+            return AuthResult(success=False, handled=False, message=AUTH_LOCKED)
         if user is None:
             return AuthResult(success=False, handled=False, message=AUTH_FAILED)
         self.user = user
@@ -182,8 +190,15 @@ class SubmissionHandler(InboundHandler):
     def __init__(self, settings: Settings, accounts: Accounts, queue: Queue) -> None:
         super().__init__(settings, accounts)
         self.queue = queue
-        self.throttle = AuthThrottle(accounts)
-        self._keys: dict[str, tuple[tuple[int, int], list[dkim.DkimKey]]] = {}
+        self.throttle = AuthThrottle.from_settings(settings, accounts)
+        self._keys: dict[str, tuple[tuple[int, int], list[DkimKey]]] = {}
+
+    def warm_up(self, server: SMTP) -> None:
+        """Load dkimpy and dnspython on a worker thread once the client has said EHLO (it still
+        has to log in), so that the first message a fresh process signs does not wait for them."""
+        if self._warm_up is None:
+            loop = asyncio.get_running_loop()
+            self._warm_up = loop.run_in_executor(self.executor, _import_dkim)
 
     async def authenticate(self, session: Session, username: str, password: str) -> User | None:
         check = throttled(self.accounts.verify_password, self.throttle, _peer(session))
@@ -330,7 +345,7 @@ class SubmissionHandler(InboundHandler):
             f" with {proto} id {queue_id}\r\n\t(authenticated as {user});\r\n\t{date}\r\n"
         ).encode("utf-8", "surrogateescape")
 
-    def keys(self, domain: str) -> list[dkim.DkimKey]:
+    def keys(self, domain: str) -> list[DkimKey]:
         """The DKIM keys of ``domain``, parsed once and again only when its key directory
         changes (a new key, a rotation): parsing an RSA key costs milliseconds."""
         directory = self.settings.dkim_dir / domain
@@ -342,6 +357,8 @@ class SubmissionHandler(InboundHandler):
         cached = self._keys.get(domain)
         if cached is not None and cached[0] == stamp:
             return cached[1]
+        from mailroom import dkim
+
         keys = dkim.load_keys(self.settings.dkim_dir, domain)
         self._keys[domain] = (stamp, keys)
         return keys
@@ -357,6 +374,8 @@ class SubmissionHandler(InboundHandler):
         if not keys:
             log.warning("no DKIM keys for %s: sending unsigned (mailroomctl dkim generate)", domain)
             return b""
+        from mailroom import dkim
+
         return dkim.sign(message, keys)
 
 
@@ -442,3 +461,7 @@ def main() -> int:
             s.submission.max_connections,
         ),
     )
+
+
+def _import_dkim() -> None:
+    from mailroom import dkim  # noqa: F401 - loaded for the first signature

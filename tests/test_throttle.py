@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mailroom.accounts import Accounts
-from mailroom.throttle import AuthThrottle, MemoryFailures, throttled
+from mailroom.throttle import AuthThrottle, MemoryFailures, TooManyFailures, throttled
 
 
 class Clock:
@@ -49,7 +51,8 @@ def test_throttled_check_delays_failures_and_locks_out() -> None:
     check = throttled(verify, throttle, "192.0.2.7", sleep=slept.append)
     assert check("u", "wrong") is None and check("u", "wrong") is None
     assert slept == [1, 2]
-    assert check("u", "right") is None  # locked out: the password is not even checked
+    with pytest.raises(TooManyFailures):  # locked out: the password is not even checked
+        check("u", "right")
     assert calls == [("u", "wrong"), ("u", "wrong")]
     assert throttled(verify, throttle, "192.0.2.8", sleep=slept.append)("u", "right") == "u"
     clock.now += 901
@@ -86,3 +89,27 @@ def test_memory_store_stays_bounded() -> None:
     for i in range(1000):
         throttle.failed(f"10.0.{i // 256}.{i % 256}")
     assert len(store.records) <= 101
+
+
+def test_per_account_limit_counts_every_address_and_every_spelling() -> None:
+    """A guess spread over many addresses still locks the name; other names are untouched."""
+    clock = Clock()
+    throttle = AuthThrottle(lockout_after=5, account_lockout_after=3, window=60, clock=clock)
+    for i, name in enumerate(["alice@example.test", "ALICE@example.test", "Alice@Example.Test"]):
+        assert not throttle.locked_out(f"192.0.2.{i}", "alice@example.test")
+        throttle.failed(f"192.0.2.{i}", name)
+    assert throttle.locked_out("198.51.100.1", "alice@example.test")  # a fresh address too
+    assert throttle.locked_out("198.51.100.1", "a\u0308lice@example.test") is False
+    assert not throttle.locked_out("198.51.100.1", "bob@example.test")
+    clock.now += 61
+    assert not throttle.locked_out("198.51.100.1", "alice@example.test")
+
+
+def test_success_clears_the_address_and_the_account() -> None:
+    throttle = AuthThrottle(lockout_after=3, account_lockout_after=3, clock=Clock())
+    throttle.failed("a", "u")
+    throttle.failed("a", "u")
+    throttle.succeeded("a", "u")
+    throttle.failed("a", "u")
+    throttle.failed("a", "u")
+    assert not throttle.locked_out("a", "u")

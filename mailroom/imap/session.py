@@ -73,6 +73,7 @@ from mailroom.imap.search import (
 )
 from mailroom.imap.wire import Atom, Value, encode, encode_mailbox, quoted_or_literal
 from mailroom.mime import Message, Section
+from mailroom.throttle import TooManyFailures
 
 if TYPE_CHECKING:  # mailroom.accounts imports sqlite3; the session only passes a User along
     from mailroom.accounts import User
@@ -980,10 +981,20 @@ class IMAPSession:
 
     def _login(self, tag: str, username: str, password: str) -> bytes:
         self._require_privacy()
-        user = self.config.authenticate(username, password)
+        try:
+            user = self.config.authenticate(username, password)
+        except TooManyFailures:
+            user, refused = None, True
+        else:
+            refused = False
         if user is None:
             self.failed_logins += 1
-            out = self._tagged(tag, "NO", "Authentication failed", code="AUTHENTICATIONFAILED")
+            out = (
+                # RFC 5530 3: UNAVAILABLE, a temporary failure; try again later.
+                self._tagged(tag, "NO", "Too many failed logins; try later", code="UNAVAILABLE")
+                if refused
+                else self._tagged(tag, "NO", "Authentication failed", code="AUTHENTICATIONFAILED")
+            )
             if self.failed_logins >= MAX_FAILED_LOGINS:
                 self._set_state(State.LOGOUT)
                 self.action = "close"

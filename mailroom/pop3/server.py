@@ -82,7 +82,7 @@ def endpoints(
     executor: Executor,
 ) -> dict[str, Endpoint]:
     """The endpoints of ``pop3`` (110, STLS) and ``pop3s`` (995, implicit TLS)."""
-    throttle = AuthThrottle(accounts)  # failures shared with IMAP and across restarts
+    throttle = AuthThrottle.from_settings(settings, accounts)  # shared with IMAP, restarts
 
     def endpoint(implicit_tls: bool) -> Endpoint:
         makers = {

@@ -36,6 +36,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from mailroom.errors import MailboxInUseError, MailroomError, MessageGoneError
+from mailroom.throttle import TooManyFailures
 
 if TYPE_CHECKING:
     from mailroom.accounts import User
@@ -47,6 +48,7 @@ MAX_BAD_COMMANDS = 10
 MAX_AUTH_FAILURES = 3
 _NUMBER = re.compile(rb"^[0-9]{1,9}$")
 _UIDL_CHARS = re.compile(r"[\x21-\x7e]{1,70}")  # RFC 1939 7
+_HTTP = re.compile(rb"^[A-Z]{3,7} \S+ HTTP/\d")  # a request line (cross-protocol attack)
 
 
 class State(StrEnum):
@@ -263,6 +265,9 @@ class POP3Session:
         return reply
 
     def _line(self, line: bytes) -> bytes:
+        if self.bad_commands == 0 and self.state is State.AUTHORIZATION and _HTTP.match(line):
+            self.action = "close"  # a browser sent here: nothing of its request runs
+            return _err("This is a POP3 server")
         if self.sasl_pending:
             self.sasl_pending = False
             return self._sasl_plain(line)
@@ -359,7 +364,11 @@ class POP3Session:
         return self._login(authcid, password)
 
     def _login(self, username: str, password: str) -> bytes:
-        user = self.config.authenticate(username, password)
+        try:
+            user = self.config.authenticate(username, password)
+        except TooManyFailures:
+            # RFC 3206 4: SYS/TEMP, a temporary failure; the same login may work later.
+            return self._failed_login(username, "Too many failed logins; try later", "SYS/TEMP")
         if user is None:
             return self._failed_login(username, "Invalid user name or password")
         try:
@@ -375,9 +384,9 @@ class POP3Session:
         count, size = len(self.messages), sum(m.size for m in self.messages)
         return _ok(f"Logged in: {count} messages ({size} octets)")
 
-    def _failed_login(self, username: str, text: str) -> bytes:
+    def _failed_login(self, username: str, text: str, code: str = "AUTH") -> bytes:
         self.auth_failures += 1
-        reply = _err(text, "AUTH")
+        reply = _err(text, code)
         if self.auth_failures >= MAX_AUTH_FAILURES:
             self.action = "close"
             reply += _err("Too many failed logins; closing")

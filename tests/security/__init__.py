@@ -1,0 +1,1 @@
+"""Security and reliability tests: attacks, fuzzing, crash and fault injection, load."""
