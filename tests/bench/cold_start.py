@@ -23,8 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mailroom.accounts import Accounts
-from tests.bench.side_by_side import Protocol, certificate, start_dovecot, wait_port
+from tests.bench.side_by_side import Protocol, mailroom_install, start_dovecot, wait_port
 from tests.bench.smtp_inbound import Row, _free_port
 
 ROUNDS = 7  # cold starts per service
@@ -146,17 +145,7 @@ def run(count: int = 0) -> list[Row]:
     """``count`` is unused (the scenario has no messages); accepted like the others'."""
     work = Path(tempfile.mkdtemp(prefix="mailroom-bench-cold-", dir="/var/tmp"))
     try:
-        cert, key = certificate(work)
-        data = work / "data"
-        data.mkdir()
-        (work / "config.toml").write_text(
-            f'hostname = "mail.bench.test"\ndata_dir = "{data}"\nlog_level = "WARNING"\n'
-            f"idle_exit_seconds = {IDLE_EXIT}\n"
-            f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
-        )
-        with Accounts(data / "auth.sqlite3") as accounts:
-            accounts.add_domain("bench.test")
-            accounts.add_user(USER, PASSWORD)
+        cert, key = mailroom_install(work, USER, PASSWORD, top=f"idle_exit_seconds = {IDLE_EXIT}\n")
         ours = _ours(work)
         theirs = _anchors(work, cert, key)
     finally:

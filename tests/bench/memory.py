@@ -26,10 +26,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mailroom.accounts import Accounts
 from tests.bench.cold_start import children
 from tests.bench.fsync_limit import make_message
-from tests.bench.side_by_side import certificate, start_dovecot, wait_port
+from tests.bench.side_by_side import mailroom_install, start_dovecot, wait_port
 from tests.bench.smtp_inbound import Row, _free_port, _load
 
 CLIENTS = 100
@@ -193,20 +192,15 @@ def _theirs(
 def run(count: int = 1000) -> list[Row]:
     work = Path(tempfile.mkdtemp(prefix="mailroom-bench-memory-", dir="/var/tmp"))
     try:
-        cert, key = certificate(work)
-        data = work / "data"
-        data.mkdir()
-        (work / "config.toml").write_text(
-            f'hostname = "mail.bench.test"\ndata_dir = "{data}"\nlog_level = "WARNING"\n'
-            f"idle_exit_seconds = {IDLE_EXIT}\n"
-            f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
-            f"[imap]\nmax_connections_per_ip = {CLIENTS + 10}\n"
+        cert, key = mailroom_install(
+            work,
+            USER,
+            PASSWORD,
+            top=f"idle_exit_seconds = {IDLE_EXIT}\n",
+            extra=f"[imap]\nmax_connections_per_ip = {CLIENTS + 10}\n"
             f"max_connections_per_user = {CLIENTS + 10}\n"
-            "[inbound]\nchecks = false\n"  # no DNS here: memory, not authentication
+            "[inbound]\nchecks = false\n",  # no DNS here: memory, not authentication
         )
-        with Accounts(data / "auth.sqlite3") as accounts:
-            accounts.add_domain("bench.test")
-            accounts.add_user(USER, PASSWORD)
         context = ssl.create_default_context(cafile=str(cert))
         context.check_hostname = False
         message = make_message(10 * 1024)

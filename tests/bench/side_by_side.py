@@ -170,6 +170,25 @@ service lmtp {{
     return proc
 
 
+def mailroom_install(
+    work: Path, user: str, password: str, *, top: str = "", extra: str = ""
+) -> tuple[Path, Path]:
+    """A mailroom installation in ``work`` (config.toml, data/, a certificate, ``user`` with
+    ``password`` in its domain); ``top`` adds top-level keys to the config, ``extra`` sections
+    after it. (cert, key)."""
+    cert, key = certificate(work)
+    data = work / "data"
+    data.mkdir()
+    (work / "config.toml").write_text(
+        f'hostname = "mail.bench.test"\ndata_dir = "{data}"\nlog_level = "WARNING"\n{top}'
+        f'[tls]\ncert = "{cert}"\nkey = "{key}"\n{extra}'
+    )
+    with Accounts(data / "auth.sqlite3") as accounts:
+        accounts.add_domain(user.rpartition("@")[2])
+        accounts.add_user(user, password)
+    return cert, key
+
+
 @dataclass(frozen=True)
 class Servers:
     mailroom_port: int  # the implicit-TLS port of mailroom's program
