@@ -74,15 +74,20 @@ STARTTLS = {
 }
 
 
+def say_hello(w: Wire, hello: bytes) -> None:
+    """EHLO on the SMTP ports, through its last 250 line (IMAP and POP3 need none)."""
+    if hello:
+        w.send(hello)
+        while not w.line().startswith(b"250 "):
+            pass
+
+
 @pytest.mark.parametrize("port", list(STARTTLS))
 def test_commands_behind_starttls_are_not_run_inside_tls(attacked: Attacked, port: str) -> None:
     """RFC 3207 6 / RFC 2595 3.1: bytes sent after STARTTLS in plaintext are discarded."""
     hello, injected, ok = STARTTLS[port]
     with greeted(attacked, port) as w:
-        if hello:
-            w.send(hello)
-            while not w.line().startswith(b"250 "):
-                pass
+        say_hello(w, hello)
         w.send(injected)
         assert w.line().startswith(ok)
         assert w.buffer == b""  # nothing answered in plaintext either
@@ -165,10 +170,7 @@ def test_tls_1_0_is_refused_on_the_tls_ports(attacked: Attacked, port: str) -> N
 def test_tls_1_0_is_refused_after_starttls(attacked: Attacked, port: str) -> None:
     hello, injected, ok = STARTTLS[port]
     with greeted(attacked, port) as w:
-        if hello:
-            w.send(hello)
-            while not w.line().startswith(b"250 "):
-                pass
+        say_hello(w, hello)
         w.send(injected.split(b"\n")[0] + b"\n")
         assert w.line().startswith(ok)
         assert tls10_handshake(w.sock) is None
