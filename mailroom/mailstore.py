@@ -421,6 +421,16 @@ def _write_atomic(path: Path, data: bytes, fsync: Callable[[int], None]) -> None
     fsync_dir(path.parent, fsync)
 
 
+def special_uses(root: Path) -> dict[str, str]:
+    """Mailbox name -> special-use attribute, from the Maildir root's ``mailroom-special-use``."""
+    result: dict[str, str] = {}
+    for line in _read_lines(root / SPECIAL_USE_NAME):
+        attr, _, name = line.partition("\t")
+        if attr in SPECIAL_USES and name:
+            result[name] = attr
+    return result
+
+
 def _read_lines(path: Path) -> list[str]:
     try:
         return path.read_text("utf-8", errors="replace").splitlines()
@@ -1094,13 +1104,7 @@ class MailStore:
         return found
 
     def _special_use(self) -> dict[str, str]:
-        """Mailbox name -> special-use attribute."""
-        result: dict[str, str] = {}
-        for line in _read_lines(self.maildir.root / SPECIAL_USE_NAME):
-            attr, _, name = line.partition("\t")
-            if attr in SPECIAL_USES and name:
-                result[name] = attr
-        return result
+        return special_uses(self.maildir.root)
 
     def _write_special_use(self, special: dict[str, str]) -> None:
         text = "".join(f"{attr}\t{name}\n" for name, attr in sorted(special.items()))

@@ -542,15 +542,14 @@ def _strip_ours(content: bytes, authserv_id: str, queue_id: str) -> bytes:
 
 def _junk_folder(maildir: Maildir) -> str:
     """The Maildir++ folder holding the \\Junk special use (``Junk`` unless renamed)."""
-    from mailroom.mailstore import SPECIAL_USE_NAME, folder_name
+    from mailroom.mailstore import folder_name, special_uses
 
     try:
-        text = (maildir.root / SPECIAL_USE_NAME).read_text(encoding="utf-8")
+        uses = special_uses(maildir.root)
     except OSError:
         return "Junk"
-    for line in text.splitlines():
-        attr, _, name = line.partition("\t")
-        if attr == "\\Junk" and name:
+    for name, attr in uses.items():
+        if attr == "\\Junk":
             try:
                 return folder_name(name)
             except Exception:  # a name this version cannot map: the default folder
