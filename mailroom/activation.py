@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -187,6 +188,22 @@ class ConnectionTracker:
             self.arm_idle_timer()
 
 
+def client_group(peer: str) -> str:
+    """The key that per-address limits count ``peer`` under: an IPv4 address itself (also
+    when written IPv4-mapped), an IPv6 address's /64 (a home or a host is given a whole /64,
+    so one client could otherwise take each limit once per address in it), anything else
+    (a UNIX socket's "local") as it is."""
+    try:
+        address = ipaddress.ip_address(peer.partition("%")[0])
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 def peer_host(transport: asyncio.BaseTransport) -> str:
     """The client's address without the port ("local" for a UNIX socket)."""
     peer = transport.get_extra_info("peername")
@@ -216,9 +233,10 @@ class _TrackingProxy(asyncio.Protocol):
         self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.peer = peer_host(transport)
+        host = peer_host(transport)
+        self.peer = client_group(host)
         if not self.tracker.admit(self.peer):
-            log.warning("refusing connection from %s: too many connections", self.peer)
+            log.warning("refusing connection from %s: too many connections", host)
             _Refuse(self.endpoint.busy_reply).connection_made(transport)
             return
         self.inner = self.endpoint.factory()

@@ -2,7 +2,7 @@
 
 Two counters of recent failures, both in a ``FailureStore``:
 
-- per client address (the IP): each failure costs ``base * 2**(n-1)`` seconds of delay before
+- per client address (the IP; an IPv6 client's /64, ``activation.client_group``): each failure costs ``base * 2**(n-1)`` seconds of delay before
   the answer (capped), and after ``lockout_after`` failures within ``window`` seconds the
   address is refused without checking a password until the window passes;
 - per account name (as typed, normalised: lower case, NFC), whether or not the account
@@ -30,6 +30,7 @@ import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from mailroom.activation import client_group
 from mailroom.errors import MailroomError
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ class AuthThrottle:
     def locked_out(self, peer: str, username: str | None = None) -> bool:
         """Whether a login from ``peer`` (as ``username``, when given) is refused unchecked."""
         with self._lock:
-            if self._failures(peer) >= self.lockout_after:
+            if self._failures(client_group(peer)) >= self.lockout_after:
                 return True
             return (
                 username is not None
@@ -141,8 +142,9 @@ class AuthThrottle:
         """Record a failure; returns the delay (seconds) to impose before answering."""
         with self._lock:
             now = self.clock()
-            failures = self._failures(peer) + 1
-            self.store.put_failures(peer, failures, now, forget_before=now - self.window)
+            group = client_group(peer)
+            failures = self._failures(group) + 1
+            self.store.put_failures(group, failures, now, forget_before=now - self.window)
             if username is not None:
                 key = account_key(username)
                 self.store.put_failures(
@@ -152,7 +154,7 @@ class AuthThrottle:
 
     def succeeded(self, peer: str, username: str | None = None) -> None:
         with self._lock:
-            self.store.clear_failures(peer)
+            self.store.clear_failures(client_group(peer))
             if username is not None:
                 self.store.clear_failures(account_key(username))
 
