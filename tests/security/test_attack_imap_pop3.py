@@ -124,9 +124,10 @@ ESCAPES = [
 @pytest.mark.parametrize("name", ESCAPES)
 def test_mailbox_names_stay_in_the_users_maildir(attacked: Attacked, name: str) -> None:
     env = attacked.env
-    before = sorted(p for p in env.data_dir.rglob("*") if "alice" not in p.parts)
     quoted = b'"' + name.replace("\\", "\\\\").encode() + b'"'
     with imap(attacked, login=True) as w:
+        # After the login, which makes alice's Maildir (and its parents when she is the first).
+        before = sorted(p for p in env.data_dir.rglob("*") if "alice" not in p.parts)
         for command in (b"CREATE ", b"SELECT ", b"APPEND "):
             tail = b" {1+}\r\nx" if command == b"APPEND " else b""
             reply = tagged(w, command + quoted + tail)

@@ -146,6 +146,25 @@ def test_per_address_limit_persists_across_connections_and_restarts(
         assert login(ports, ALICE, PASSWORD, "127.0.0.1") == "refused"
 
 
+def test_each_failure_makes_the_next_answer_wait_longer(
+    mail_env: MailEnv, certificate: Certificate
+) -> None:
+    """The delay before a failure is answered: ``delay * 2**(n-1)`` for the n-th failure of an
+    address, so a guesser's rate falls off even under the lockout limit."""
+    configure(mail_env, certificate, login_failures_per_ip=10, login_failure_delay_seconds=0.4)
+    with servers(mail_env, "pop3") as ports:
+        times = []
+        for _ in range(3):
+            start = time.monotonic()
+            assert pop3_user_pass(ports, ALICE, "wrong password", "127.0.0.10") == "failed"
+            times.append(time.monotonic() - start)
+        start = time.monotonic()
+        assert pop3_user_pass(ports, ALICE, PASSWORD, "127.0.0.11") == "ok"  # not delayed
+        other = time.monotonic() - start
+    assert times[0] >= 0.4 and times[1] >= 0.8 and times[2] >= 1.6, times
+    assert other < times[2] / 2, (other, times)  # a success is answered at once
+
+
 def test_limits_are_shared_by_every_protocol_and_expire(
     mail_env: MailEnv, certificate: Certificate
 ) -> None:

@@ -1,4 +1,4 @@
-"""Equal-time failures: a wrong password costs the same whether the account exists or not.
+"""Equal-time failures: a wrong password costs the same whether the account exists, is disabled or not.
 
 Measured through the whole POP3 login path (the session, the throttle, the accounts
 database, argon2id), in process: the accounts take an injected hasher with cheaper argon2id
@@ -39,6 +39,8 @@ def test_failed_logins_take_the_same_time_whether_the_user_exists(tmp_path: Path
     with Accounts(tmp_path / "auth.sqlite3", hasher=hasher) as accounts:
         accounts.add_domain("example.test")
         accounts.add_user("alice@example.test", "correct horse battery")
+        accounts.add_user("dan@example.test", "correct horse battery")
+        accounts.set_enabled("dan@example.test", False)
         throttle = AuthThrottle.from_settings(settings, accounts)
 
         def open_maildrop(user: User) -> FakeMaildrop:
@@ -60,6 +62,7 @@ def test_failed_logins_take_the_same_time_whether_the_user_exists(tmp_path: Path
         names = {
             "exists": "alice@example.test",
             "unknown": "nobody@example.test",
+            "disabled": "dan@example.test",
             "malformed": "not-an-address",
         }
         for name in names.values():  # warm-up: the dummy hash, caches
