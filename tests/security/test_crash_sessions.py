@@ -102,6 +102,18 @@ def _labels(root: Path) -> Counter[str]:
     return found
 
 
+def _uids(root: Path, prefix: str) -> dict[str, list[int]]:
+    """The UIDs of the stored messages whose label starts with ``prefix``, by label."""
+    with _store(root) as store:
+        found: dict[str, list[int]] = {}
+        for m in store.sync(INBOX).messages:
+            data = store.read(INBOX, m.uid)
+            label = data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+            if label.startswith(prefix):
+                found.setdefault(label, []).append(m.uid)
+    return found
+
+
 def _imap(store: MailStore) -> IMAPSession:
     user = User(parse_address(ALICE), True, 0)
     check: Callable[[str, str], User | None] = lambda u, p: user if p == PASSWORD else None  # noqa: E731
@@ -145,15 +157,21 @@ def test_kill_during_append(tmp_path: Path) -> None:
 
 
 def test_kill_during_expunge(tmp_path: Path) -> None:
+    """Each kill is judged on its own: the messages its EXPUNGE was removing are, right after
+    the kill, either gone or still there under the UID they had (a message coming back under a
+    new UID would show as new mail, and twice in a client that kept the old one)."""
     rng = random.Random(34)
-    keepers: set[str] = set()
+    keepers: dict[str, int] = {}  # label -> UID, which no crash may change
     gone: set[str] = set()  # expunges that were acknowledged
+    survived = 0
     for i in range(ITERATIONS["expunge"]):
+        doomed: dict[str, int] = {}
         with _store(tmp_path) as store:
             for k in range(3):
-                store.append(INBOX, _message(f"doomed {i}.{k}"), ["\\Deleted"])
-                store.append(INBOX, _message(f"keep {i}.{k}"), [])
-                keepers.add(f"keep {i}.{k}")
+                doomed[f"doomed {i}.{k}"] = store.append(
+                    INBOX, _message(f"doomed {i}.{k}"), ["\\Deleted"]
+                )[1]
+                keepers[f"keep {i}.{k}"] = store.append(INBOX, _message(f"keep {i}.{k}"), [])[1]
 
         def work(w: int) -> None:
             session = _imap(_store(tmp_path))
@@ -162,23 +180,34 @@ def test_kill_during_expunge(tmp_path: Path) -> None:
 
         if i == 0:
             span = _duration(work)
-            gone |= {f"doomed {i}.{k}" for k in range(3)}
+            gone |= set(doomed)
             continue
         out = _kill_after(*_forked(work), rng.uniform(0, span))
+        left = _uids(tmp_path, f"doomed {i}.")
         if b"e OK" in out:
-            gone |= {f"doomed {i}.{k}" for k in range(3)}
+            gone |= set(doomed)
+            assert not left, f"acknowledged expunge, still there: {left}"
+        for label, uids in left.items():
+            assert uids == [doomed[label]], f"{label} came back as {uids}, was {doomed[label]}"
+        survived += len(left)
     found = _labels(tmp_path)
-    print(f"expunge: {len(gone) // 3} of {ITERATIONS['expunge']} acknowledged")
+    print(f"expunge: {len(gone) // 3} of {ITERATIONS['expunge']} acknowledged, {survived} kept")
     assert len(gone) > 3, "no EXPUNGE finished before its kill: adjust the timing"
     assert len(gone) < 3 * ITERATIONS["expunge"], "no kill hit an EXPUNGE"
     assert all(found[label] == 1 for label in keepers), "a kept message was lost or doubled"
     assert not gone & set(found), f"acknowledged expunges came back: {gone & set(found)}"
+    kept = _uids(tmp_path, "keep ")
+    assert {label: uids[0] for label, uids in kept.items()} == keepers, "a UID changed"
 
 
 def test_kill_during_pop3_update(tmp_path: Path) -> None:
+    """Each kill on its own: killed before QUIT was sent, nothing of the session's DELEs is
+    done (RFC 1939: deletions happen in the UPDATE state only); after an acknowledged QUIT its
+    messages are gone; in between either is fine, but a kept message never goes."""
     rng = random.Random(56)
     keepers: set[str] = set()
     gone: set[str] = set()
+    before_quit = 0
     user = User(parse_address(ALICE), True, 0)
     for i in range(ITERATIONS["pop3"]):
         with _store(tmp_path) as store:
@@ -187,7 +216,8 @@ def test_kill_during_pop3_update(tmp_path: Path) -> None:
                 store.append(INBOX, _message(f"keep {i}.{k}"), [])
                 keepers.add(f"keep {i}.{k}")
             order = [store.read(INBOX, m.uid) for m in store.sync(INBOX).messages]
-        doomed = [n + 1 for n, data in enumerate(order) if b"Subject: doomed" in data]
+        mine = b"Subject: doomed %d." % i
+        doomed = [n + 1 for n, data in enumerate(order) if mine in data]
 
         def work(w: int, doomed: list[int] = doomed) -> None:
             config = POP3Config(
@@ -199,6 +229,7 @@ def test_kill_during_pop3_update(tmp_path: Path) -> None:
             session = POP3Session(config)
             session.feed(f"USER {ALICE}\r\nPASS x\r\n".encode())
             session.feed(b"".join(b"DELE %d\r\n" % n for n in doomed))
+            os.write(w, b"QUIT SENT\n")
             os.write(w, session.feed(b"QUIT\r\n").data)
 
         if i == 0:
@@ -206,11 +237,20 @@ def test_kill_during_pop3_update(tmp_path: Path) -> None:
             gone |= {f"doomed {i}.{k}" for k in range(2)}
             continue
         out = _kill_after(*_forked(work), rng.uniform(0, span))
-        if out.startswith(b"+OK") and b"deleted" in out:
+        left = _uids(tmp_path, f"doomed {i}.")
+        if b"QUIT SENT" not in out:
+            before_quit += 1
+            assert sorted(left) == [f"doomed {i}.0", f"doomed {i}.1"], (
+                f"deleted before QUIT: {left}"
+            )
+            assert all(len(uids) == 1 for uids in left.values()), left
+        elif b"+OK" in out.split(b"QUIT SENT\n", 1)[1] and b"deleted" in out:
             gone |= {f"doomed {i}.{k}" for k in range(2)}
+            assert not left, f"acknowledged QUIT, still there: {left}"
     found = _labels(tmp_path)
-    print(f"pop3: {len(gone) // 2} of {ITERATIONS['pop3']} acknowledged")
+    print(f"pop3: {len(gone) // 2} of {ITERATIONS['pop3']} acknowledged, {before_quit} before QUIT")
     assert len(gone) > 2, "no QUIT finished before its kill: adjust the timing"
     assert len(gone) < 2 * ITERATIONS["pop3"], "no kill hit a POP3 session"
+    assert before_quit, "every kill came after QUIT was sent: adjust the timing"
     assert all(found[label] == 1 for label in keepers), "a kept message was lost or doubled"
     assert not gone & set(found), f"acknowledged deletions came back: {gone & set(found)}"
