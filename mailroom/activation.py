@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mailroom.errors import ActivationError
+from mailroom.throttle import client_group
 from mailroom.workers import SharedCounts
 
 log = logging.getLogger(__name__)
@@ -186,22 +186,6 @@ class ConnectionTracker:
         if self.open == 0:
             self.drained.set()
             self.arm_idle_timer()
-
-
-def client_group(peer: str) -> str:
-    """The key that per-address limits count ``peer`` under: an IPv4 address itself (also
-    when written IPv4-mapped), an IPv6 address's /64 (a home or a host is given a whole /64,
-    so one client could otherwise take each limit once per address in it), anything else
-    (a UNIX socket's "local") as it is."""
-    try:
-        address = ipaddress.ip_address(peer.partition("%")[0])
-    except ValueError:
-        return peer
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 def peer_host(transport: asyncio.BaseTransport) -> str:

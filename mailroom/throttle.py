@@ -2,9 +2,10 @@
 
 Two counters of recent failures, both in a ``FailureStore``:
 
-- per client address (the IP; an IPv6 client's /64, ``activation.client_group``): each failure costs ``base * 2**(n-1)`` seconds of delay before
-  the answer (capped), and after ``lockout_after`` failures within ``window`` seconds the
-  address is refused without checking a password until the window passes;
+- per client address (the IP; for an IPv6 client its /64, ``client_group``): each failure
+  costs ``base * 2**(n-1)`` seconds of delay before the answer (capped), and after
+  ``lockout_after`` failures within ``window`` seconds the address is refused without checking
+  a password until the window passes;
 - per account name (as typed, normalised: lower case, NFC), whether or not the account
   exists, so that the counter reveals nothing: after ``account_lockout_after`` failures
   within the window, from any addresses, that name is refused the same way. This stops a
@@ -23,6 +24,7 @@ logging each outcome without the password.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -30,7 +32,6 @@ import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from mailroom.activation import client_group
 from mailroom.errors import MailroomError
 
 if TYPE_CHECKING:
@@ -80,6 +81,22 @@ class MemoryFailures:
 
     def clear_failures(self, peer: str) -> None:
         self.records.pop(peer, None)
+
+
+def client_group(peer: str) -> str:
+    """The key that per-address limits count ``peer`` under: an IPv4 address itself (also
+    when written IPv4-mapped), an IPv6 address's /64 (a home or a host is given a whole /64,
+    so one client could otherwise take each limit once per address in it), anything else
+    (a UNIX socket's "local") as it is."""
+    try:
+        address = ipaddress.ip_address(peer.partition("%")[0])
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def account_key(username: str) -> str:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mailroom.activation import client_group
-from mailroom.throttle import AuthThrottle
+from mailroom.throttle import AuthThrottle, client_group
 from tests.conftest import BIN, MailEnv
 
 HOME = "2001:db8:1:2"  # the client's /64
