@@ -82,6 +82,8 @@ class SMTPSettings(_Section):
     # RFC 5321 4.5.3.1.6: 1000 octets including CRLF (plus the transparency dot).
     max_line_length: int = Field(default=1000, ge=1000, le=65536)
     max_received_headers: int = Field(default=50, ge=10, le=500)
+    # Processes serving port 25 (parsing, checks and fsyncs of concurrent sessions); 0: one per CPU.
+    workers: int = Field(default=0, ge=0, le=64)
 
 
 class IMAPSettings(_Section):

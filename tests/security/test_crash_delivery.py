@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,11 +36,35 @@ QUEUE_KILLS = 15
 
 
 def _kill(pid: int) -> None:
+    """kill -9 the service process ``pid`` and the workers it forked (``[smtp] workers``).
+
+    A worker serves the connection: killing only its supervisor would SIGTERM the workers
+    (PR_SET_PDEATHSIG), which then finish their sessions and answer 250. So the supervisor
+    is stopped first (it can start no worker meanwhile), then every worker and it are killed.
+    """
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.005)
+        os.kill(pid, signal.SIGSTOP)
+    for victim in [*_children(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not _dead(victim) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (a worker whose new parent does not reap it at once)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
 
 
 def _message(label: str) -> bytes:
