@@ -378,8 +378,9 @@ def deliver_all(
     and fsynced before the first link, so an error while writing leaves no copy anywhere; then
     each is linked into ``new/`` and each distinct ``new/`` directory is fsynced once. On error
     the ``tmp/`` files of this call are removed and ``DeliveryError(permanent=False)`` raised;
-    copies already linked stay (a retry may duplicate them, never lose one). Duplicate
-    recipients are the caller's to remove.
+    copies already linked are removed again, so that the error means what it says (nothing
+    stored) and a retry leaves no second copy (a crash in between may: duplicated, never
+    lost). Duplicate recipients are the caller's to remove.
     """
     for _, folder in targets:
         validate_folder(folder)
@@ -398,6 +399,7 @@ def deliver_all(
             try:
                 delivered.append(_link_new(maildir, folder_dir, tmp, suffix))
             except OSError as exc:
+                _take_back(delivered)
                 raise _failed(maildir.root, f"linking tmp/{tmp.name} into new/", exc) from exc
             pending.pop(0)
             _unlink_quietly(tmp)
@@ -406,11 +408,18 @@ def deliver_all(
             try:
                 fsync_dir(directory, maildir.fsync)
             except OSError as exc:
+                _take_back(delivered)
                 raise _failed(maildir.root, f"fsync of {directory}", exc) from exc
     finally:
         for _, _, tmp in pending:
             _unlink_quietly(tmp)
     return delivered
+
+
+def _take_back(linked: list[Path]) -> None:
+    """Remove the copies a failed delivery had linked into ``new/`` (best effort)."""
+    for path in linked:
+        _unlink_quietly(path)
 
 
 def _write_tmp_on_demand(
