@@ -160,16 +160,19 @@ def test_kill_queue_run_at_random_moments(
     tail = 0.04  # delivering four small messages to the peer takes about this long
     interrupted = 0  # runs that a kill left with work in the queue
 
-    def run(kill_after: float | None) -> float:
-        """One queue run; killed ``kill_after`` seconds after the peer saw the first MAIL."""
+    def run(kill_after: float | None, *, from_start: bool = False) -> float:
+        """One queue run, killed ``kill_after`` seconds after the peer saw the first MAIL (or,
+        ``from_start``, after the process started: while it reads the queue and connects);
+        how long until the peer saw the first MAIL."""
         handler.mail.clear()
         start = time.monotonic()
         proc = subprocess.Popen([BIN / "mailroom-deliver"], env=mail_env.environ())
-        if kill_after is not None and handler.mail.wait(20):
+        if kill_after is not None and (from_start or handler.mail.wait(20)):
             time.sleep(kill_after)
             proc.kill()
+        first_mail = time.monotonic() - start if handler.mail.wait(0 if from_start else 20) else 0
         proc.wait(60)
-        return time.monotonic() - start
+        return first_mail
 
     for i in range(QUEUE_KILLS + 1):
         for k in range(4):
@@ -178,10 +181,12 @@ def test_kill_queue_run_at_random_moments(
                 "alice@example.test", [f"bob{k}@remote.test"], _message(labels[-1]), time.time()
             )
         if i == 0:
-            handler.mail.clear()
-            run(None)
+            startup = run(None)  # process start to the peer's first MAIL
             continue
-        run(rng.uniform(0, tail))
+        if i % 3 == 0:
+            run(rng.uniform(0, startup), from_start=True)
+        else:
+            run(rng.uniform(0, tail))
         # never both: a message not in the queue any more was received
         queued = {
             queue.read(m.id).split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
