@@ -22,6 +22,7 @@ import binascii
 import bisect
 import contextlib
 import enum
+import errno
 import functools
 import logging
 import re
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from mailroom.errors import (
     ConnectionLimitError,
+    DeliveryError,
     InvalidFlagError,
     InvalidMailboxNameError,
     KeywordLimitError,
@@ -705,6 +707,9 @@ class IMAPSession:
                 return self._bad(tag, err.text, code=err.code)
             return self._tagged(tag, err.status, err.text, code=err.code)
         except MailroomError as err:
+            if isinstance(err, DeliveryError) and not err.permanent:  # APPEND, COPY, MOVE
+                failure = _not_stored(name, err)
+                return self._tagged(tag, "NO", failure.text, code=failure.code)
             log.info("imap %s: %s", name, err)
             status, code = next((s, c) for kind, s, c in _ERRORS if isinstance(err, kind))
             if status == "BAD":
@@ -2103,6 +2108,17 @@ _ERRORS: tuple[tuple[type[MailroomError], str, str | None], ...] = (
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _not_stored(command: str, err: DeliveryError) -> Failure:
+    """The NO for messages the disk did not take durably: a full disk is [OVERQUOTA], as
+    Dovecot answers ENOSPC and EDQUOT; any other failure (EIO) [UNAVAILABLE], RFC 5530's
+    temporary failure. The reason, which names the server's files, goes to the log only."""
+    log.warning("imap %s: %s", command, err)
+    cause = err.__cause__  # maildir._failed chains the OSError
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Failure("Not enough disk space", code="OVERQUOTA")
+    return Failure("Cannot store the message now; try again later", code="UNAVAILABLE")
 
 
 def _is_derived(item: FetchItem) -> bool:
