@@ -236,6 +236,17 @@ def _appended(reply: tuple[str, list[bytes | None]]) -> None:
     assert typ == "OK" and b"APPENDUID" in (data[0] or b""), reply
 
 
+def _imap_with_a_message(
+    server: Server, env: MailEnv
+) -> tuple[imaplib.IMAP4_SSL, Path, list[str], list[int]]:
+    """Alice logged in with one message appended (her mailbox and index exist): the client,
+    her Maildir, its visible files and the UIDs the server reports."""
+    client = _imap_login(server)
+    _appended(_append(client, MESSAGE))
+    root = env.mailbox(ALICE)
+    return client, root, sorted(_visible(root)), _uids(client)
+
+
 @needs_strace
 def test_imapd_append_answers_no_when_fsync_fails(mail_env: MailEnv) -> None:
     """APPEND to a running mailroom-imapd (two workers) whose fsyncs fail: a tagged NO that
@@ -243,10 +254,7 @@ def test_imapd_append_answers_no_when_fsync_fails(mail_env: MailEnv) -> None:
     _configure(mail_env, "imap", workers=2)
     server = Server(mail_env, "mailroom-imapd", ("imap", "imaps"))
     try:
-        client = _imap_login(server)
-        _appended(_append(client, MESSAGE))  # the mailbox and index exist
-        root = mail_env.mailbox(ALICE)
-        before, uids = sorted(_visible(root)), _uids(client)
+        client, root, before, uids = _imap_with_a_message(server, mail_env)
         with dying_disk(_service_pids(server, workers=2)):
             typ, data = _append(client, MESSAGE)
         assert typ == "NO", (typ, data)
@@ -417,19 +425,26 @@ def tmpfs_env(tmp_path: Path, certificate: Certificate) -> Iterator[MailEnv]:
         subprocess.run(["umount", "-l", str(data)], check=False)
 
 
+def _fill(env: MailEnv, leave: int = 0) -> Path:
+    """Fill the data directory's file system to the last octet, then free ``leave`` octets."""
+    filler = env.data_dir / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    os.truncate(filler, filler.stat().st_size - leave)
+    return filler
+
+
 def test_full_disk_is_a_temporary_error_until_space_is_freed(tmpfs_env: MailEnv) -> None:
     server = Server(tmpfs_env)
     try:
         assert _send(server.port).startswith("250 ")  # the mailbox and its index exist
-        filler = tmpfs_env.data_dir / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:  # fill the disk to the last octet
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as err:
-            assert err.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
+        filler = _fill(tmpfs_env)
         root = tmpfs_env.mailbox(ALICE)
         before = sorted(_visible(root))
         reply = _send(server.port)
@@ -450,20 +465,8 @@ def test_full_disk_imap_append_is_a_temporary_error_until_space_is_freed(
     full disk), the partly written tmp/ file is gone, the index unchanged; then it works."""
     server = Server(tmpfs_env, "mailroom-imapd", ("imap", "imaps"))
     try:
-        client = _imap_login(server)
-        _appended(_append(client, MESSAGE))  # the mailbox and index exist
-        root = tmpfs_env.mailbox(ALICE)
-        before, uids = sorted(_visible(root)), _uids(client)
-        filler = tmpfs_env.data_dir / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:  # fill the disk to the last octet, then leave 64 KiB
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as err:
-            assert err.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
-        os.truncate(filler, filler.stat().st_size - 64 * 1024)
+        client, root, before, uids = _imap_with_a_message(server, tmpfs_env)
+        filler = _fill(tmpfs_env, leave=64 * 1024)
         big = MESSAGE * 10  # about 200 KB: the first 64 KiB of it are written
         typ, data = _append(client, big)
         assert typ == "NO", (typ, data)
