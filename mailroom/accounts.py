@@ -100,7 +100,9 @@ class User:
 
 
 # Each argon2id computation holds its 64 MiB while it runs: without a bound, the 32 threads of a
-# server's executor logging in at once took 2 GiB (tests/security/test_load.py). Waiting here
+# server's executor logging in at once took 2 GiB (tests/security/test_load.py). Every hash a
+# server makes goes under it: verifications, rehashes and the dummy hash (made by the first
+# logins of a fresh process, 40 at once reached 1.6 GB while it was unbounded). Waiting here
 # costs a wrong password and a right one the same, so it keeps the timing equal.
 MAX_CONCURRENT_HASHES = 2
 _HASHING = threading.BoundedSemaphore(MAX_CONCURRENT_HASHES)
@@ -118,6 +120,7 @@ class Accounts:
         self.path = path
         self._hasher = hasher if hasher is not None else default_hasher()
         self._dummy_hash: str | None = None
+        self._dummy_lock = threading.Lock()  # the dummy is made once, not by each first login
         self._lock = threading.RLock()
         self._conn = _connect(path)
         try:
@@ -383,7 +386,8 @@ class Accounts:
         return user
 
     def _rehash(self, address: Address, stored: str, password: str) -> None:
-        fresh = self._hasher.hash(password)
+        with _HASHING:
+            fresh = self._hasher.hash(password)
         try:
             with self._write() as db:
                 db.execute(
@@ -443,9 +447,11 @@ class Accounts:
 
     def _dummy(self) -> str:
         # Made on first use, before any lookup, so the first attempt costs the same either way.
-        if self._dummy_hash is None:
-            self._dummy_hash = str(self._hasher.hash(secrets.token_urlsafe(24)))
-        return self._dummy_hash
+        with self._dummy_lock:
+            if self._dummy_hash is None:
+                with _HASHING:
+                    self._dummy_hash = str(self._hasher.hash(secrets.token_urlsafe(24)))
+            return self._dummy_hash
 
     def _migrate(self) -> None:
         while True:

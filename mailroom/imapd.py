@@ -7,10 +7,13 @@ watcher and one thread pool for the whole process, and a session factory per con
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import fcntl
 import logging
 import os
 import threading
+from asyncio import sslproto
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,6 +33,12 @@ from mailroom.tls import ServerTLS
 log = logging.getLogger(__name__)
 
 ENDPOINT_NAMES = ("imap", "imaps")
+# asyncio gives each TLS connection a read buffer of SSLProtocol.max_size (256 KiB in Python
+# 3.11-3.13), written through when the connection is made: 25 MB of a worker holding 100 IDLE
+# clients. A TLS record is at most 16 KiB, so reading 32 KiB at a time costs nothing.
+TLS_READ_BUFFER = 32 * 1024
+MALLOC_ARENAS = 2  # see _fewer_malloc_arenas
+_M_ARENA_MAX = -8  # glibc malloc.h
 
 
 SESSIONS_DIR = "mailroom-sessions"  # in the user's Maildir root: one lock file per session slot
@@ -144,6 +153,7 @@ def session_factory(
 
 async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> None:
     loop = asyncio.get_running_loop()
+    sslproto.SSLProtocol.max_size = TLS_READ_BUFFER  # this process's connections (and STARTTLS)
     tls = ServerTLS.for_clients(settings)
     executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="imap")
     watcher = Watcher()
@@ -187,8 +197,20 @@ async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> No
         executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _fewer_malloc_arenas() -> None:
+    """glibc gives threads malloc arenas of their own, up to 8 a core, and each keeps what is
+    freed in it: after a delivery storm a worker's 16 arenas held 15 MB of free memory, with
+    two 5 MB. The executor's threads spend most of their time waiting for the GIL, so they do
+    not contend for two. ``MALLOC_ARENA_MAX`` in the environment, if set, has the last word."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator decides
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
 def main() -> int:
     """Entry point of ``mailroom-imapd``."""
+    _fewer_malloc_arenas()
     return run(
         "mailroom-imapd",
         _serve,

@@ -199,13 +199,23 @@ class MailboxStatus:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A mailbox after a sync: its messages in ascending UID order."""
+    """A mailbox after a sync: its messages in ascending UID order.
+
+    A snapshot is shared: every IMAP session of the user in the process keeps the one it last
+    told its client about, and looks messages up in it by UID (``uids``, for bisect) rather
+    than keeping a copy of its own.
+    """
 
     name: str
     uidvalidity: int
     uidnext: int
     highestmodseq: int
     messages: tuple[MessageInfo, ...]
+    uids: tuple[int, ...] = ()  # of ``messages``, in order; made from them if not given
+
+    def __post_init__(self) -> None:
+        if len(self.uids) != len(self.messages):
+            object.__setattr__(self, "uids", tuple(m.uid for m in self.messages))
 
 
 # -- mailbox names ---------------------------------------------------------------------------
@@ -893,7 +903,6 @@ class _Cached:
     files: dict[int, str]  # uid -> name in cur/
     box_id: int = 0
     cur_token: tuple[int, int] | None = None  # Listings' token of cur/ matching ``filenames``
-    uids: tuple[int, ...] = ()  # of ``snapshot.messages``, in order (for bisect)
     # (mtime_ns of new/, of cur/) stat'ed just before a listing that matched ``filenames``,
     # and when that listing began (time.time_ns()); None until a listing confirmed it.
     dirs: tuple[int, int] | None = None
@@ -955,6 +964,21 @@ def _unchanged(cached: _Cached, dirs: tuple[int, int] | None) -> bool:
         and cached.dirs == dirs
         and cached.listed_at - max(dirs) > DIR_MTIME_SLACK_NS
     )
+
+
+_FLAG_SETS: dict[str, frozenset[str]] = {}  # a flags column -> the one set for it
+_FLAG_SETS_MAX = 1024
+
+
+def _flag_set(flags: str) -> frozenset[str]:
+    """The set of a flags column, shared: most messages have one of a few (an empty frozenset
+    alone is 216 bytes, each arrival had one of its own)."""
+    found = _FLAG_SETS.get(flags)
+    if found is None:
+        if len(_FLAG_SETS) >= _FLAG_SETS_MAX:
+            _FLAG_SETS.clear()
+        found = _FLAG_SETS[flags] = frozenset(flags.split())
+    return found
 
 
 def _replace(cached: _Cached, **changes: object) -> _Cached:
@@ -1493,31 +1517,23 @@ class MailStore:
         last: dict[int, MessageInfo] = {}
         if base is not None and base.snapshot.uidvalidity == box.uidvalidity:
             last = {m.uid: m for m in base.snapshot.messages}
-        flag_sets: dict[str, frozenset[str]] = {}  # most messages share a few flag sets
-        dates: dict[int, datetime] = {}  # and many a second
+        dates: dict[int, datetime] = {}  # many messages share a second
         for uid, key, filename, flags, modseq, size, date, _, expunging in rows:
             if expunging:
                 return None
             info = last.get(uid)
             if info is None or info.modseq != modseq:
-                flag_set = flag_sets.get(flags)
-                if flag_set is None:
-                    flag_set = flag_sets[flags] = frozenset(flags.split())
                 moment = dates.get(date)
                 if moment is None:
                     moment = dates[date] = datetime.fromtimestamp(date, UTC)
-                info = MessageInfo(uid, flag_set, modseq, size, moment, key)
+                info = MessageInfo(uid, _flag_set(flags), modseq, size, moment, key)
             messages.append(info)
             files[uid] = filename
-        snapshot = Snapshot(name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages))
+        snapshot = Snapshot(
+            name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages), tuple(files)
+        )
         loaded = _Cached(
-            self._index.inode,
-            data_version,
-            frozenset(files.values()),
-            snapshot,
-            files,
-            box.id,
-            uids=tuple(files),
+            self._index.inode, data_version, frozenset(files.values()), snapshot, files, box.id
         )
         self._base[name] = loaded
         return loaded
@@ -1542,7 +1558,7 @@ class MailStore:
             if expunging:
                 return None
             info = MessageInfo(
-                uid, frozenset(flags.split()), modseq, size, datetime.fromtimestamp(date, UTC), key
+                uid, _flag_set(flags), modseq, size, datetime.fromtimestamp(date, UTC), key
             )
             updates[uid] = (info, filename)
         files = dict(base.files)
@@ -1552,17 +1568,20 @@ class MailStore:
             names = set()
             dropped = set()
             for uid, (info, filename) in updates.items():
-                changed_list[bisect.bisect_left(base.uids, uid)] = info
+                changed_list[bisect.bisect_left(old.uids, uid)] = info
                 dropped.add(files[uid])
                 names.add(filename)
                 files[uid] = filename
             snapshot = Snapshot(
-                old.name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(changed_list)
+                old.name,
+                box.uidvalidity,
+                box.uidnext,
+                box.highestmodseq,
+                tuple(changed_list),
+                old.uids,
             )
             filenames = base.filenames.difference(dropped - names).union(names)
-            loaded = _Cached(
-                self._index.inode, data_version, filenames, snapshot, files, box.id, uids=base.uids
-            )
+            loaded = _Cached(self._index.inode, data_version, filenames, snapshot, files, box.id)
             self._base[old.name] = loaded
             return loaded
         messages: list[MessageInfo] = []
@@ -1587,13 +1606,7 @@ class MailStore:
             old.name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages)
         )
         loaded = _Cached(
-            self._index.inode,
-            data_version,
-            frozenset(files.values()),
-            snapshot,
-            files,
-            box.id,
-            uids=tuple(m.uid for m in messages),
+            self._index.inode, data_version, frozenset(files.values()), snapshot, files, box.id
         )
         self._base[old.name] = loaded
         return loaded
@@ -1829,31 +1842,21 @@ class MailStore:
 
     def _fresh(self, box: _Box, uidnext: int, highest: int, inserts: list[_Insert]) -> _Cached:
         """The mailbox whose only messages are ``inserts``, as ``_load`` would read it."""
-        flag_sets: dict[str, frozenset[str]] = {}
         dates: dict[int, datetime] = {}
         messages: list[MessageInfo] = []
         files: dict[int, str] = {}
         for _, uid, key, filename, flags, modseq, size, date, _ in sorted(
             inserts, key=lambda i: i[1]
         ):
-            flag_set = flag_sets.get(flags)
-            if flag_set is None:
-                flag_set = flag_sets[flags] = frozenset(flags.split())
             moment = dates.get(date)
             if moment is None:
                 moment = dates[date] = datetime.fromtimestamp(date, UTC)
-            messages.append(MessageInfo(uid, flag_set, modseq, size, moment, key))
+            messages.append(MessageInfo(uid, _flag_set(flags), modseq, size, moment, key))
             files[uid] = filename
-        snapshot = Snapshot(box.name, box.uidvalidity, uidnext, highest, tuple(messages))
-        return _Cached(
-            self._index.inode,
-            0,
-            frozenset(files.values()),
-            snapshot,
-            files,
-            box.id,
-            uids=tuple(files),
+        snapshot = Snapshot(
+            box.name, box.uidvalidity, uidnext, highest, tuple(messages), tuple(files)
         )
+        return _Cached(self._index.inode, 0, frozenset(files.values()), snapshot, files, box.id)
 
     def _split_duplicates(self, folder: _Folder, rows: dict[str, _Row], names: list[str]) -> bool:
         """Give a new key to each extra file sharing a key (a mail reader's crash can leave

@@ -28,7 +28,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -274,6 +274,8 @@ class Snapshot(Protocol):
     def highestmodseq(self) -> int: ...
     @property
     def messages(self) -> Sequence[MessageInfo]: ...
+    @property
+    def uids(self) -> Sequence[int]: ...  # of ``messages``, in order
 
 
 class MailStore(Protocol):
@@ -396,23 +398,89 @@ class Failure(Exception):
 
 @dataclass
 class Mailbox:
-    """The session's view of the selected mailbox (what the client has been told)."""
+    """The session's view of the selected mailbox (what the client has been told).
+
+    The view is ``snapshot``, the store's snapshot the client was last brought to, plus the
+    few ways this session's view differs from it: ``own_infos`` holds the infos it learnt since
+    (its own STOREs) and those of messages expunged but not yet reported (``gone``), which
+    are then also in ``own_uids``. The snapshot is shared with the user's other sessions, so
+    the view costs a session a few hundred bytes however big the mailbox is; a copy of its
+    own cost about 50 bytes a message (100 IDLE sessions on a mailbox of 3,000: 17 MB).
+    """
 
     name: str
     readonly: bool
     uidvalidity: int
-    uids: list[int]  # sequence number n is uids[n - 1]
-    infos: dict[int, MessageInfo]
+    snapshot: Snapshot
+    own_infos: dict[int, MessageInfo] = field(default_factory=dict)
+    own_uids: list[int] | None = None  # the client's UIDs while they are not snapshot.uids
     recent: set[int] = field(default_factory=set)
     highestmodseq: int = 0
     uidnext: int = 1
     gone: set[int] = field(default_factory=set)  # expunged, not yet reported
     keywords: set[str] = field(default_factory=set)  # announced in FLAGS
-    snapshot: Snapshot | None = None  # the store's snapshot the client was last brought to
+
+    @property
+    def uids(self) -> Sequence[int]:
+        """The client's UIDs, ascending: sequence number n is uids[n - 1]."""
+        return self.snapshot.uids if self.own_uids is None else self.own_uids
 
     def seq(self, uid: int) -> int:
-        i = bisect.bisect_left(self.uids, uid)
-        return i + 1 if i < len(self.uids) and self.uids[i] == uid else 0
+        uids = self.uids
+        i = bisect.bisect_left(uids, uid)
+        return i + 1 if i < len(uids) and uids[i] == uid else 0
+
+    def info(self, uid: int) -> MessageInfo | None:
+        """The message ``uid`` as the client was last told, None if not in the view."""
+        found = self.own_infos.get(uid)
+        if found is not None:
+            return found
+        snap = self.snapshot
+        i = bisect.bisect_left(snap.uids, uid)
+        return snap.messages[i] if i < len(snap.uids) and snap.uids[i] == uid else None
+
+    def __getitem__(self, uid: int) -> MessageInfo:
+        """The message ``uid`` of the view (KeyError if it is not in it)."""
+        found = self.info(uid)
+        if found is None:
+            raise KeyError(uid)
+        return found
+
+    def messages(self) -> Iterator[MessageInfo]:
+        """The view's messages in sequence-number order."""
+        if self.own_uids is not None:
+            yield from (self[u] for u in self.own_uids)
+        elif self.own_infos:
+            yield from (self.own_infos.get(m.uid, m) for m in self.snapshot.messages)
+        else:
+            yield from self.snapshot.messages
+
+    def learn(self, info: MessageInfo) -> None:
+        """The client was told ``info`` (e.g. its own STORE), ahead of the snapshot."""
+        self.own_infos[info.uid] = info
+
+    def bring_to(self, snap: Snapshot) -> None:
+        """Make ``snap`` the view: messages in ``gone`` stay in it, and what ``own_infos`` has
+        newer than ``snap`` (every change since the last snapshot has a MODSEQ above its
+        HIGHESTMODSEQ, so an older MODSEQ means ``snap`` has not seen it yet)."""
+        floor = self.snapshot.highestmodseq
+        keep = {u: self[u] for u in self.gone}
+        for uid, info in self.own_infos.items():
+            if uid not in keep:
+                i = bisect.bisect_left(snap.uids, uid)
+                if i < len(snap.uids) and snap.uids[i] == uid and snap.messages[i].modseq <= floor:
+                    keep[uid] = info
+        self.snapshot = snap
+        self.own_infos = keep
+        self.own_uids = sorted([*snap.uids, *self.gone]) if self.gone else None
+
+    def forget_gone(self) -> None:
+        """Take the messages in ``gone`` out of the view: their expunge was reported."""
+        self.own_uids = [u for u in self.uids if u not in self.gone]
+        for uid in self.gone:
+            self.own_infos.pop(uid, None)
+            self.recent.discard(uid)
+        self.gone.clear()
 
 
 @dataclass
@@ -771,41 +839,33 @@ class IMAPSession:
         prev = box.snapshot
         if snap is prev and not (box.gone and expunge):
             return b""  # the store saw no change since the last time
-        box.snapshot = snap
         # Every flag change and every arrival gets a MODSEQ above the last snapshot's
         # HIGHESTMODSEQ (RFC 7162 3.1.1): only those messages need a look.
-        floor = prev.highestmodseq if prev is not None else -1
-        changed = [m for m in snap.messages if m.modseq > floor]
+        changed = [m for m in snap.messages if m.modseq > prev.highestmodseq]
         out = bytearray(self._new_keywords(box, changed))
-        new = [m for m in changed if m.uid not in box.infos]
+        new: list[MessageInfo] = []
+        flagged: list[MessageInfo] = []  # flags (or with CONDSTORE the MODSEQ) to report
+        for info in changed:
+            old = box.info(info.uid)  # as the client knows it (before bring_to below)
+            if old is None:
+                new.append(info)
+            elif old.flags != info.flags or (self.condstore and old.modseq != info.modseq):
+                flagged.append(info)
         if len(snap.messages) - len(new) != len(box.uids) - len(box.gone):
-            present = {m.uid for m in snap.messages}
+            present = set(snap.uids)
             box.gone.update(u for u in box.uids if u not in present)
         if box.gone and expunge:
-            gone = sorted(box.gone)
             if self.qresync:
-                out += f"* VANISHED {format_set(gone)}\r\n".encode()
+                out += f"* VANISHED {format_set(sorted(box.gone))}\r\n".encode()
             else:
                 # Highest first: each EXPUNGE leaves the numbers of the ones before it valid.
-                for uid in reversed(gone):
+                for uid in sorted(box.gone, reverse=True):
                     out += b"* %d EXPUNGE\r\n" % box.seq(uid)
-            keep = [u for u in box.uids if u not in box.gone]
-            for uid in gone:
-                box.infos.pop(uid, None)
-                box.recent.discard(uid)
-            box.uids = keep
-            box.gone.clear()
-        for info in changed:
-            old = box.infos.get(info.uid)
-            if old is None:
-                continue
-            if old.flags != info.flags or (self.condstore and old.modseq != info.modseq):
-                out += self._fetch_flags(box, info.uid, info)
-            box.infos[info.uid] = info
+            box.forget_gone()
+        box.bring_to(snap)
+        for info in flagged:
+            out += self._fetch_flags(box, info.uid, info)
         if new:
-            box.uids.extend(m.uid for m in new)
-            for info in new:
-                box.infos[info.uid] = info
             out += b"* %d EXISTS\r\n" % len(box.uids)
             if not box.readonly:
                 box.recent |= set(self.store.claim_recent(box.name))
@@ -856,7 +916,7 @@ class IMAPSession:
         if numbers.saved:
             return [u for u in self.saved if box.seq(u)]
         if uid:
-            return numbers.members(box.uids)
+            return numbers.members(list(box.uids))
         count = len(box.uids)
         for low, high in numbers.ranges:
             for n in (low, high):
@@ -1092,11 +1152,9 @@ class IMAPSession:
             name=name,
             readonly=readonly,
             uidvalidity=snap.uidvalidity,
-            uids=[m.uid for m in snap.messages],
-            infos={m.uid: m for m in snap.messages},
+            snapshot=snap,
             highestmodseq=snap.highestmodseq,
             uidnext=snap.uidnext,
-            snapshot=snap,
         )
         if not readonly:
             box.recent = set(store.claim_recent(name))
@@ -1133,9 +1191,7 @@ class IMAPSession:
             out += f"* VANISHED (EARLIER) {format_set(gone)}\r\n".encode()
         for info in sorted(changed, key=lambda m: m.uid):
             if box.seq(info.uid):
-                out += self._fetch_flags(
-                    box, info.uid, box.infos.get(info.uid, info), with_uid=True
-                )
+                out += self._fetch_flags(box, info.uid, box.info(info.uid) or info, with_uid=True)
         return bytes(out)
 
     def CREATE(self, tag: str, args: Args) -> bytes:
@@ -1584,14 +1640,14 @@ class IMAPSession:
             load_header_text=lambda: self._header_text(candidate.uid),
             saved=frozenset(self.saved),
         )
-        recent, infos, key = box.recent, box.infos, request.key
+        recent, key = box.recent, request.key
         with_recent = frozenset({"\\Recent"})
         test = flag_test(key)
         fields = header_fields(key)
         if fields:
             self._warm_headers(box, fields)
-        for seq, u in enumerate(box.uids, 1):
-            info = infos[u]
+        for seq, info in enumerate(box.messages(), 1):
+            u = info.uid
             flags = info.flags | with_recent if u in recent else info.flags
             if test is not None:
                 hit = test(flags)
@@ -1693,7 +1749,7 @@ class IMAPSession:
             if gone_in:
                 out += f"* VANISHED (EARLIER) {format_set(gone_in)}\r\n".encode()
         if changedsince is not None:
-            uids = [u for u in uids if box.infos[u].modseq > changedsince]
+            uids = [u for u in uids if box[u].modseq > changedsince]
         # RFC 9051 6.4.5: BODY[...] (not PEEK) sets \Seen; FLAGS are then reported.
         marks = not box.readonly and any(
             (i.name in ("BODY", "BINARY") and i.section is not None and not i.peek)
@@ -1702,11 +1758,11 @@ class IMAPSession:
         )
         seen_now: set[int] = set()
         if marks:
-            unseen = [u for u in uids if u not in box.gone and "\\Seen" not in box.infos[u].flags]
+            unseen = [u for u in uids if u not in box.gone and "\\Seen" not in box[u].flags]
             if unseen:
                 changed, _ = self._store().store(box.name, unseen, "+", ["\\Seen"])
                 for info in changed:
-                    box.infos[info.uid] = info
+                    box.learn(info)
                     seen_now.add(info.uid)
         gone_seen = False
         derived = [i.name for i in items if _is_derived(i)]
@@ -1738,7 +1794,7 @@ class IMAPSession:
         return bytes(out) + self._done(tag, "FETCH completed", expunge=uid)
 
     def _fetch_one(self, box: Mailbox, uid: int, items: list[FetchItem], seen_now: bool) -> bytes:
-        info = box.infos[uid]
+        info = box[uid]
         parts: list[bytes] = []
         names = {i.name for i in items}
         for item in items:
@@ -1789,7 +1845,7 @@ class IMAPSession:
 
     def _header_key(self, box: Mailbox, uid: int, field: str) -> tuple[object, ...]:
         assert self.user is not None
-        info = box.infos[uid]
+        info = box[uid]
         user = str(self.user.address)
         return (user, box.name, box.uidvalidity, uid, info.key, "HEADER", field.upper())
 
@@ -1871,7 +1927,7 @@ class IMAPSession:
             return
         missing: dict[tuple[int, str], tuple[object, ...]] = {}
         for uid in uids:
-            info = box.infos.get(uid)
+            info = box.info(uid)
             if info is None:
                 continue
             for name in names:
@@ -2011,9 +2067,9 @@ class IMAPSession:
             failed = list(failed_uids)
             out += self._new_keywords(box, changed)
             for info in changed:
-                if info.uid not in box.infos:
+                if box.info(info.uid) is None:
                     continue
-                box.infos[info.uid] = info
+                box.learn(info)
                 box.highestmodseq = max(box.highestmodseq, info.modseq)
                 if not silent or unchangedsince is not None:
                     # RFC 7162 3.1.3: with UNCHANGEDSINCE, changed messages are reported (MODSEQ).
