@@ -46,14 +46,16 @@ def imap_authenticate(ports: dict[str, int], user: str, password: str, source: s
         return _imap(w.until(b"a ")[-1])
 
 
-def _imap(reply: bytes) -> Outcome:
-    if reply.startswith(b"a OK"):
-        return "ok"
-    if reply.startswith(b"a NO [AUTHENTICATIONFAILED]"):
-        return "failed"
-    if reply.startswith(b"a NO [UNAVAILABLE]"):
-        return "refused"
+def _outcome(reply: bytes, ok: bytes, failed: bytes, refused: bytes) -> Outcome:
+    """What a protocol's reply to a login says, by its prefix (else the reply itself)."""
+    for prefix, outcome in ((ok, "ok"), (failed, "failed"), (refused, "refused")):
+        if reply.startswith(prefix):
+            return outcome
     return reply.decode(errors="replace")
+
+
+def _imap(reply: bytes) -> Outcome:
+    return _outcome(reply, b"a OK", b"a NO [AUTHENTICATIONFAILED]", b"a NO [UNAVAILABLE]")
 
 
 def pop3_user_pass(ports: dict[str, int], user: str, password: str, source: str) -> Outcome:
@@ -73,13 +75,7 @@ def pop3_auth_plain(ports: dict[str, int], user: str, password: str, source: str
 
 
 def _pop3(reply: bytes) -> Outcome:
-    if reply.startswith(b"+OK"):
-        return "ok"
-    if reply.startswith(b"-ERR [AUTH]"):
-        return "failed"
-    if reply.startswith(b"-ERR [SYS/TEMP]"):
-        return "refused"
-    return reply.decode(errors="replace")
+    return _outcome(reply, b"+OK", b"-ERR [AUTH]", b"-ERR [SYS/TEMP]")
 
 
 def submission_auth(ports: dict[str, int], user: str, password: str, source: str) -> Outcome:
@@ -87,13 +83,7 @@ def submission_auth(ports: dict[str, int], user: str, password: str, source: str
         assert w.smtp_reply().startswith(b"220")
         assert w.smtp(b"EHLO client.example").startswith(b"250 ")
         reply = w.smtp(f"AUTH PLAIN {_plain(user, password)}".encode())
-    if reply.startswith(b"235 "):
-        return "ok"
-    if reply.startswith(b"535 5.7.8"):
-        return "failed"
-    if reply.startswith(b"454 4.7.0"):
-        return "refused"
-    return reply.decode(errors="replace")
+    return _outcome(reply, b"235 ", b"535 5.7.8", b"454 4.7.0")
 
 
 PROGRAMS = {
