@@ -5,57 +5,102 @@ Sources, highest priority first: ``MAILROOM_*`` environment variables (nested ke
 (default ``/etc/mailroom/config.toml``), then the defaults below. ``load_settings`` turns
 every problem into a ``ConfigError`` that names the key and the file; it never lets a
 pydantic traceback reach the admin.
+
+The sections are frozen dataclasses whose annotations carry pydantic's constraints; pydantic
+(about half of a service's cold start to import and build) is imported only to validate. A
+service passes its cache directory: the validated settings are pickled there under a key of
+everything they were made from, and the next start unpickles them (only these classes, paths
+and addresses; a file not the service's own is ignored) instead of validating again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import os
+import pickle
 import re
+import stat
+import sys
 import tomllib
+import typing
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any, Literal
-
-# Set before pydantic builds anything (an admin's own setting wins); together ≈25 ms of every
-# service's cold start. pydantic 2.10 checks each schema it generates against its own
-# meta-schema, a third of the time the classes below take to define (2.11 dropped the check),
-# and reads the entry points of every installed distribution looking for plugins (mailroom
-# uses none).
-os.environ.setdefault("PYDANTIC_SKIP_VALIDATING_CORE_SCHEMAS", "1")
-os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from mailroom.errors import ConfigError
 
+if TYPE_CHECKING:  # the annotations name them; _adapter() imports them when it validates
+    from pydantic import AfterValidator, Field, TypeAdapter, ValidationError
+
 DEFAULT_CONFIG_PATH = Path("/etc/mailroom/config.toml")
 ENV_PREFIX = "MAILROOM_"
+UNKNOWN_KEY = {"unexpected_keyword_argument", "extra_forbidden"}  # pydantic's error types
 
 _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _host_name(value: str) -> str:
+    value = value.strip().rstrip(".").lower()
+    if not _HOSTNAME_RE.match(value):
+        raise ValueError("must be a host name such as mail.example.net")
+    return value
 
 
+def _qualified_host_name(value: str) -> str:
+    value = value.strip().rstrip(".").lower()
+    if not _HOSTNAME_RE.match(value) or "." not in value:
+        raise ValueError("must be a fully qualified host name such as mail.example.org")
+    return value
+
+
+def _zone_names(value: list[str]) -> list[str]:
+    zones = [zone.strip().rstrip(".").lower() for zone in value]
+    for zone in zones:
+        if not _HOSTNAME_RE.match(zone) or "." not in zone:
+            raise ValueError(f"{zone!r} is not a DNS zone name such as zen.spamhaus.org")
+    return zones
+
+
+def _log_level(value: str) -> str:
+    value = value.upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+    return value
+
+
+def _absolute(value: Path) -> Path:
+    if not value.is_absolute():
+        raise ValueError("must be an absolute path")
+    return value
+
+
+def _relay_tls(value: str) -> str:
+    if value not in ("starttls", "implicit"):
+        raise ValueError('must be "starttls" or "implicit"')
+    return value
+
+
+class _Section:
+    """A section's dataclass: pydantic validates it (``_adapter``), unknown keys refused."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+
+@dataclass(frozen=True)
 class SNICertificate(_Section):
     """One ``[[tls.sni]]`` entry: the pair served to clients that ask for ``hostname``."""
 
-    hostname: str
+    hostname: Annotated[str, AfterValidator(_host_name)]
     cert: Path
     key: Path
 
-    @field_validator("hostname")
-    @classmethod
-    def _check_hostname(cls, value: str) -> str:
-        value = value.strip().rstrip(".").lower()
-        if not _HOSTNAME_RE.match(value):
-            raise ValueError("must be a host name such as mail.example.net")
-        return value
 
-
+@dataclass(frozen=True)
 class TLSSettings(_Section):
     """The TLS of every server (see mailroom.tls).
 
@@ -71,92 +116,93 @@ class TLSSettings(_Section):
     smtp_min_version: Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"] = "TLSv1.2"
 
 
+@dataclass(frozen=True)
 class SMTPSettings(_Section):
     """Limits and timeouts of the SMTP servers."""
 
-    max_recipients: int = Field(default=100, ge=1, le=10_000)
-    max_connections: int = Field(default=200, ge=1)
-    max_connections_per_ip: int = Field(default=10, ge=1)
+    max_recipients: Annotated[int, Field(ge=1, le=10_000)] = 100
+    max_connections: Annotated[int, Field(ge=1)] = 200
+    max_connections_per_ip: Annotated[int, Field(ge=1)] = 10
     # RFC 5321 4.5.3.2.7: the server timeout is at least 5 minutes.
-    timeout_seconds: float = Field(default=300, ge=300)
+    timeout_seconds: Annotated[float, Field(ge=300)] = 300
     # RFC 5321 4.5.3.1.6: 1000 octets including CRLF (plus the transparency dot).
-    max_line_length: int = Field(default=1000, ge=1000, le=65536)
-    max_received_headers: int = Field(default=50, ge=10, le=500)
+    max_line_length: Annotated[int, Field(ge=1000, le=65536)] = 1000
+    max_received_headers: Annotated[int, Field(ge=10, le=500)] = 50
     # Processes serving port 25 (parsing, checks and fsyncs of concurrent sessions); 0: one per CPU.
-    workers: int = Field(default=0, ge=0, le=64)
+    workers: Annotated[int, Field(ge=0, le=64)] = 0
 
 
+@dataclass(frozen=True)
 class IMAPSettings(_Section):
     """Limits and timeouts of the IMAP server."""
 
-    max_connections: int = Field(default=200, ge=1)
-    max_connections_per_ip: int = Field(default=20, ge=1)
-    max_connections_per_user: int = Field(default=20, ge=1)
-    preauth_timeout_seconds: float = Field(default=60, ge=10)
+    max_connections: Annotated[int, Field(ge=1)] = 200
+    max_connections_per_ip: Annotated[int, Field(ge=1)] = 20
+    max_connections_per_user: Annotated[int, Field(ge=1)] = 20
+    preauth_timeout_seconds: Annotated[float, Field(ge=10)] = 60
     # RFC 9051 5.4: the autologout timer is at least 30 minutes.
-    autologout_seconds: float = Field(default=30 * 60, ge=30 * 60)
+    autologout_seconds: Annotated[float, Field(ge=30 * 60)] = 30 * 60
     # Processes serving the sockets; 0: one per CPU.
-    workers: int = Field(default=0, ge=0, le=64)
+    workers: Annotated[int, Field(ge=0, le=64)] = 0
 
 
+@dataclass(frozen=True)
 class POP3Settings(_Section):
     """Limits and timeouts of the POP3 server."""
 
-    max_connections: int = Field(default=200, ge=1)
-    max_connections_per_ip: int = Field(default=20, ge=1)
+    max_connections: Annotated[int, Field(ge=1)] = 200
+    max_connections_per_ip: Annotated[int, Field(ge=1)] = 20
     # RFC 1939 3: the inactivity autologout timer is at least 10 minutes.
-    timeout_seconds: float = Field(default=600, ge=600)
+    timeout_seconds: Annotated[float, Field(ge=600)] = 600
     # Accept USER/PASS and AUTH without TLS from a loopback client (a local fetchmail).
     allow_plaintext_loopback: bool = False
 
 
+@dataclass(frozen=True)
 class SubmissionSettings(_Section):
     """Limits and policy of the submission server (587 STARTTLS, 465 TLS)."""
 
-    max_connections: int = Field(default=100, ge=1)
-    max_connections_per_ip: int = Field(default=10, ge=1)
-    max_recipients: int = Field(default=100, ge=1, le=10_000)
-    timeout_seconds: float = Field(default=300, ge=30)
+    max_connections: Annotated[int, Field(ge=1)] = 100
+    max_connections_per_ip: Annotated[int, Field(ge=1)] = 10
+    max_recipients: Annotated[int, Field(ge=1, le=10_000)] = 100
+    timeout_seconds: Annotated[float, Field(ge=30)] = 300
     # Name the client's address in the Received: header (off: its address stays private).
     received_client_address: bool = False
     # Processes serving the sockets (DKIM signing is CPU work); 0: one per CPU.
-    workers: int = Field(default=0, ge=0, le=64)
+    workers: Annotated[int, Field(ge=0, le=64)] = 0
 
 
+@dataclass(frozen=True)
 class RelaySettings(_Section):
     """A smarthost: when ``host`` is set, every remote message goes through it."""
 
     host: str = ""
-    port: int = Field(default=587, ge=1, le=65535)
-    tls: str = "starttls"  # "starttls" (usually 587) or "implicit" (usually 465)
+    port: Annotated[int, Field(ge=1, le=65535)] = 587
+    tls: Annotated[str, AfterValidator(_relay_tls)] = "starttls"  # or "implicit" (usually 465)
     username: str = ""
     password_file: Path | None = None  # one line, readable by the service user only
 
-    @field_validator("tls")
-    @classmethod
-    def _check_tls(cls, value: str) -> str:
-        if value not in ("starttls", "implicit"):
-            raise ValueError('must be "starttls" or "implicit"')
-        return value
 
-
+@dataclass(frozen=True)
 class OutboundSettings(_Section):
     """The outbound queue runner."""
 
     # Waits before the 1st, 2nd, ... retry; after the last, ``retry_interval_seconds``.
-    retry_schedule_seconds: list[float] = Field(
+    retry_schedule_seconds: list[float] = field(
         default_factory=lambda: [60.0, 300.0, 1800.0, 3600.0]
     )
-    retry_interval_seconds: float = Field(default=3600, ge=1)
-    give_up_seconds: float = Field(default=5 * 86400, ge=60)
-    delay_warning_seconds: float = Field(default=4 * 3600, ge=0)  # 0: no delay warning
-    connect_timeout_seconds: float = Field(default=30, ge=1)
-    command_timeout_seconds: float = Field(default=300, ge=1)
-    smtp_port: int = Field(default=25, ge=1, le=65535)  # of remote MX hosts (tests change it)
+    retry_interval_seconds: Annotated[float, Field(ge=1)] = 3600
+    give_up_seconds: Annotated[float, Field(ge=60)] = 5 * 86400
+    delay_warning_seconds: Annotated[float, Field(ge=0)] = 4 * 3600  # 0: no delay warning
+    connect_timeout_seconds: Annotated[float, Field(ge=1)] = 30
+    command_timeout_seconds: Annotated[float, Field(ge=1)] = 300
+    smtp_port: Annotated[int, Field(ge=1, le=65535)] = 25  # of remote MX hosts (tests change it)
     mta_sts: bool = True
-    mta_sts_port: int = Field(default=443, ge=1, le=65535)  # of the policy host (tests change it)
+    mta_sts_port: Annotated[int, Field(ge=1, le=65535)] = (
+        443  # of the policy host (tests change it)
+    )
     ca_file: Path | None = None  # CA bundle for verifying TLS peers; empty: the system's
-    relay: RelaySettings = RelaySettings()
+    relay: RelaySettings = field(default_factory=RelaySettings)
 
 
 ClientService = Literal["submissions", "submission", "imaps", "imap", "pop3s", "pop3"]
@@ -170,6 +216,7 @@ CLIENT_SERVICES: tuple[ClientService, ...] = (
 )
 
 
+@dataclass(frozen=True)
 class DNSPublishSettings(_Section):
     """How ``mailroomctl dns publish`` reaches the DNS provider (see mailroom.dnspublish).
 
@@ -184,30 +231,32 @@ class DNSPublishSettings(_Section):
     cloudflare_credentials: Path | None = None
     cloudflare_api_url: str = "https://api.cloudflare.com/client/v4"  # tests: a local fake
     zone: str = ""
-    ttl: int = Field(default=3600, ge=60, le=86400)  # of the records published
+    ttl: Annotated[int, Field(ge=60, le=86400)] = 3600  # of the records published
 
 
+@dataclass(frozen=True)
 class DNSSettings(_Section):
     """Where DNS questions go (empty: the system resolver), and what ``mailroomctl dns``
     generates, checks and publishes (see mailroom.dnsrecords)."""
 
-    nameservers: list[str] = Field(default_factory=list)
+    nameservers: list[str] = field(default_factory=list)
     # The mail host's public addresses: its A/AAAA records, and the PTR the ISP must set.
     ipv4: IPv4Address | None = None
     ipv6: IPv6Address | None = None
     mta_sts_mode: Literal["testing", "enforce", "off"] = "testing"
-    mta_sts_max_age: int = Field(default=604800, ge=86400, le=31557600)  # RFC 8461 3.2
+    mta_sts_max_age: Annotated[int, Field(ge=86400, le=31557600)] = 604800  # RFC 8461 3.2
     dmarc_report_address: str = ""  # rua=; empty: postmaster@DOMAIN
     tls_report_address: str = ""  # TLS-RPT rua=; empty: postmaster@DOMAIN
-    caa_issuers: list[str] = Field(default_factory=lambda: ["letsencrypt.org"])  # []: no CAA
+    caa_issuers: list[str] = field(default_factory=lambda: ["letsencrypt.org"])  # []: no CAA
     # Offered to mail clients (SRV records); the others get "." targets (RFC 6186 3.4).
-    client_services: list[ClientService] = Field(default_factory=lambda: list(CLIENT_SERVICES))
-    publish: DNSPublishSettings = DNSPublishSettings()
+    client_services: list[ClientService] = field(default_factory=lambda: list(CLIENT_SERVICES))
+    publish: DNSPublishSettings = field(default_factory=DNSPublishSettings)
 
 
 InboundAction = Literal["reject", "junk", "deliver"]
 
 
+@dataclass(frozen=True)
 class InboundSettings(_Section):
     """Authentication of mail arriving on port 25 (SPF, DKIM, DMARC) and what is done with it.
 
@@ -224,26 +273,18 @@ class InboundSettings(_Section):
     # From: or MAIL FROM in one of our own domains, neither SPF nor DKIM passing for it.
     own_domain_forgery_action: InboundAction = "reject"
     # All DNS of one message (SPF, DKIM keys, DMARC) together; then "temperror".
-    dns_timeout_seconds: float = Field(default=5, gt=0, le=60)
+    dns_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5
     # Nameservers for these checks and the DNSBL; empty: those of [dns].
-    nameservers: list[str] = Field(default_factory=list)
+    nameservers: list[str] = field(default_factory=list)
     # DNSBL zones asked at connect (e.g. "zen.spamhaus.org"); a listed client gets 554 5.7.1 at
     # MAIL FROM. Several lists refuse queries that come through public resolvers.
-    dnsbl_zones: list[str] = Field(default_factory=list)
-
-    @field_validator("dnsbl_zones")
-    @classmethod
-    def _check_zones(cls, value: list[str]) -> list[str]:
-        zones = [zone.strip().rstrip(".").lower() for zone in value]
-        for zone in zones:
-            if not _HOSTNAME_RE.match(zone) or "." not in zone:
-                raise ValueError(f"{zone!r} is not a DNS zone name such as zen.spamhaus.org")
-        return zones
+    dnsbl_zones: Annotated[list[str], AfterValidator(_zone_names)] = field(default_factory=list)
 
 
 CertbotMethod = Literal["dns-cloudflare", "standalone", "webroot", "dns-rfc2136"]
 
 
+@dataclass(frozen=True)
 class CertbotSettings(_Section):
     """How ``mailroomctl tls issue`` runs certbot, and where ``tls status`` finds its renewal.
 
@@ -257,62 +298,40 @@ class CertbotSettings(_Section):
     cloudflare_credentials: Path | None = None  # dns_cloudflare_api_token = ..., mode 0600
     rfc2136_credentials: Path | None = None  # certbot-dns-rfc2136's ini file, mode 0600
     webroot_path: Path | None = None  # document root of the web server already on port 80
-    http_01_port: int = Field(default=80, ge=1, le=65535)  # standalone (tests change it)
+    http_01_port: Annotated[int, Field(ge=1, le=65535)] = 80  # standalone (tests change it)
     http_01_address: str = ""  # standalone: bind only this address; empty: all
     server: str = ""  # ACME directory URL; empty: Let's Encrypt (tests: pebble)
     config_dir: Path = Path("/etc/letsencrypt")
     work_dir: Path = Path("/var/lib/letsencrypt")
     logs_dir: Path = Path("/var/log/letsencrypt")
-    cert_name: str = Field(default="mailroom", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    cert_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "mailroom"
 
 
+@dataclass(frozen=True)
 class Settings(_Section):
     """Everything configurable, with defaults a home server can run on."""
 
-    hostname: str
-    data_dir: Path = Path("/var/lib/mailroom")
-    idle_exit_seconds: float = Field(default=60, ge=0)
-    shutdown_grace_seconds: float = Field(default=30, ge=0)
-    message_size_limit: int = Field(default=25 * 1024 * 1024, ge=1024, le=1024**3)
-    log_level: str = "INFO"
+    hostname: Annotated[str, AfterValidator(_qualified_host_name)]
+    data_dir: Annotated[Path, AfterValidator(_absolute)] = Path("/var/lib/mailroom")
+    idle_exit_seconds: Annotated[float, Field(ge=0)] = 60
+    shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 30
+    message_size_limit: Annotated[int, Field(ge=1024, le=1024**3)] = 25 * 1024 * 1024
+    log_level: Annotated[str, AfterValidator(_log_level)] = "INFO"
     # Failed logins (IMAP, POP3, submission together; mailroom.throttle): per client address
     # and per account name within the window, then a temporary refusal until it passes.
-    login_failures_per_ip: int = Field(default=10, ge=1)
-    login_failures_per_account: int = Field(default=30, ge=1)
-    login_failure_window_seconds: float = Field(default=900, ge=1)
-    login_failure_delay_seconds: float = Field(default=0.5, ge=0, le=60)  # doubles per failure
-    tls: TLSSettings = TLSSettings()
-    smtp: SMTPSettings = SMTPSettings()
-    imap: IMAPSettings = IMAPSettings()
-    pop3: POP3Settings = POP3Settings()
-    dns: DNSSettings = DNSSettings()
-    submission: SubmissionSettings = SubmissionSettings()
-    outbound: OutboundSettings = OutboundSettings()
-    inbound: InboundSettings = InboundSettings()
-    certbot: CertbotSettings = CertbotSettings()
-
-    @field_validator("hostname")
-    @classmethod
-    def _check_hostname(cls, value: str) -> str:
-        value = value.strip().rstrip(".").lower()
-        if not _HOSTNAME_RE.match(value) or "." not in value:
-            raise ValueError("must be a fully qualified host name such as mail.example.org")
-        return value
-
-    @field_validator("log_level")
-    @classmethod
-    def _check_log_level(cls, value: str) -> str:
-        value = value.upper()
-        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
-        return value
-
-    @field_validator("data_dir")
-    @classmethod
-    def _check_data_dir(cls, value: Path) -> Path:
-        if not value.is_absolute():
-            raise ValueError("must be an absolute path")
-        return value
+    login_failures_per_ip: Annotated[int, Field(ge=1)] = 10
+    login_failures_per_account: Annotated[int, Field(ge=1)] = 30
+    login_failure_window_seconds: Annotated[float, Field(ge=1)] = 900
+    login_failure_delay_seconds: Annotated[float, Field(ge=0, le=60)] = 0.5  # doubles per failure
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    smtp: SMTPSettings = field(default_factory=SMTPSettings)
+    imap: IMAPSettings = field(default_factory=IMAPSettings)
+    pop3: POP3Settings = field(default_factory=POP3Settings)
+    dns: DNSSettings = field(default_factory=DNSSettings)
+    submission: SubmissionSettings = field(default_factory=SubmissionSettings)
+    outbound: OutboundSettings = field(default_factory=OutboundSettings)
+    inbound: InboundSettings = field(default_factory=InboundSettings)
+    certbot: CertbotSettings = field(default_factory=CertbotSettings)
 
     @property
     def tls_cert(self) -> Path:
@@ -339,21 +358,11 @@ class Settings(_Section):
         return self.data_dir / "dkim"
 
     def redacted(self) -> dict[str, Any]:
-        """The effective configuration as plain data, secrets masked, derived paths filled."""
-        data = _mask(self.model_dump(mode="json"), self)
+        """The effective configuration as plain data, derived paths filled."""
+        data: dict[str, Any] = _adapter().dump_python(self, mode="json")
         data["tls"]["cert"] = str(self.tls_cert)
         data["tls"]["key"] = str(self.tls_key)
         return data
-
-
-def _mask(data: dict[str, Any], model: BaseModel) -> dict[str, Any]:
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, SecretStr):
-            data[name] = "********" if value.get_secret_value() else ""
-        elif isinstance(value, BaseModel):
-            data[name] = _mask(data[name], value)
-    return data
 
 
 def config_path() -> Path:
@@ -361,12 +370,67 @@ def config_path() -> Path:
     return Path(os.environ.get("CONFIG_PATH") or DEFAULT_CONFIG_PATH)
 
 
-def load_settings(path: Path | None = None) -> Settings:
-    """Read, validate and return the configuration, or raise ``ConfigError``."""
+def load_settings(path: Path | None = None, cache: Path | None = None) -> Settings:
+    """Read, validate and return the configuration, or raise ``ConfigError``.
+
+    ``cache``: a directory of the calling service's own (systemd's ``CacheDirectory=``) that
+    keeps the validated settings, keyed by everything they were made from. A start that finds
+    them there never imports pydantic, about half of a service's cold start.
+    """
     path = path or config_path()
+    raw = _read(path)
+    env = {name: value for name, value in os.environ.items() if name.upper().startswith(ENV_PREFIX)}
+    key = _cache_key(path, raw, env)
+    if cache is not None and (found := _cached(cache / CACHE_NAME, key)) is not None:
+        return found
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(raw.decode("utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8") from None
+    from pydantic import ValidationError
+
+    try:
+        settings = validated(_deep_update(data, _environment(env)))
+    except ValidationError as err:
+        raise ConfigError(_describe(err, path)) from None
+    if cache is not None:
+        _keep(cache / CACHE_NAME, key, settings)
+    return settings
+
+
+def validated(data: dict[str, Any]) -> Settings:
+    """``data`` (a parsed configuration file) as ``Settings``, or pydantic's ``ValidationError``."""
+    return _adapter().validate_python(data)
+
+
+@functools.cache
+def _adapter() -> TypeAdapter[Settings]:
+    """pydantic's validator of ``Settings``, made on first use."""
+    # Set before pydantic builds anything (an admin's own setting wins): pydantic 2.10 checks
+    # each schema it generates against its own meta-schema (2.11 dropped the check), and reads
+    # the entry points of every installed distribution looking for plugins (mailroom has none).
+    os.environ.setdefault("PYDANTIC_SKIP_VALIDATING_CORE_SCHEMAS", "1")
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    # The sections' annotations name these; pydantic resolves them in this frame.
+    from pydantic import AfterValidator, Field, TypeAdapter  # noqa: F401
+
+    return TypeAdapter(Settings)
+
+
+def field_types(section: type) -> dict[str, Any]:
+    """The type of each field of a section's dataclass, without its validation metadata."""
+    from pydantic import AfterValidator, Field
+
+    names = {"AfterValidator": AfterValidator, "Field": Field}
+    hints = typing.get_type_hints(section, localns=names)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found (set CONFIG_PATH?)") from None
     except PermissionError:
@@ -375,33 +439,102 @@ def load_settings(path: Path | None = None) -> Settings:
         ) from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a configuration file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not valid UTF-8") from None
+
+
+# -- the validated settings kept between starts ------------------------------------------------
+
+CACHE_NAME = "settings.pickle"
+_CACHE_VERSION = b"mailroom settings 1\0"
+# What the cache may name: a pickle naming anything else is refused, not run.
+_CACHE_GLOBALS = {
+    ("pathlib", "PosixPath"),
+    ("ipaddress", "IPv4Address"),
+    ("ipaddress", "IPv6Address"),
+}
+
+
+def _cache_key(path: Path, raw: bytes, env: dict[str, str]) -> bytes:
+    """What the settings were made from: the file, the environment's overrides, this module's
+    code (the schema) and the Python that pickled them."""
+    digest = hashlib.sha256(_CACHE_VERSION)
+    for part in (str(path), sys.version, *sorted(f"{k}={v}" for k, v in env.items())):
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    digest.update(hashlib.sha256(raw).digest())
+    digest.update(hashlib.sha256(Path(__file__).read_bytes()).digest())
+    return digest.digest()
+
+
+class _SettingsUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        cls = globals().get(name) if module == __name__ else None
+        if isinstance(cls, type) and issubclass(cls, _Section):
+            return cls
+        if (module, name) in _CACHE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of the settings")
+
+
+def _cached(file: Path, key: bytes) -> Settings | None:
+    """The settings kept in ``file`` under ``key``; None when there are none (or the file is
+    not this user's own and writable only by it: anything else is not trusted)."""
     try:
-        return Settings.model_validate(_deep_update(data, _environment()))
-    except ValidationError as err:
-        raise ConfigError(_describe(err, path)) from None
+        with file.open("rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                return None
+            if f.read(len(key)) != key:
+                return None
+            found = _SettingsUnpickler(f).load()
+    except FileNotFoundError:
+        return None
+    except Exception:  # a cache: anything wrong with it means validating again
+        return None
+    return found if isinstance(found, Settings) else None
 
 
-def _environment() -> dict[str, Any]:
-    """The ``MAILROOM_*`` overrides as nested data (pydantic-settings' reading of them).
+def _keep(file: Path, key: bytes, settings: Settings) -> None:
+    """Write the cache (a new file renamed over the old); a failure costs only speed."""
+    tmp = file.with_name(f".{file.name}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            pickle.dump(settings, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, file)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _environment(env: dict[str, str]) -> dict[str, Any]:
+    """The ``MAILROOM_*`` overrides in ``env`` as nested data (pydantic-settings' reading).
 
     pydantic-settings is imported only when such a variable is set: its import costs about
     45 ms, a third of a service's cold start, and the installed units set none.
     """
-    if not any(name.upper().startswith(ENV_PREFIX) for name in os.environ):
+    if not env:
         return {}
     from pydantic_settings import EnvSettingsSource
 
     source = EnvSettingsSource(
-        Settings,  # type: ignore[arg-type]  # reads only model_fields and model_config
+        _as_model(Settings),  # type: ignore[arg-type]  # reads only model_fields and model_config
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         case_sensitive=False,
     )
     return source()
+
+
+def _as_model(section: type) -> type:
+    """A pydantic model with the fields of ``section``'s dataclass (nested sections too): what
+    pydantic-settings reads the environment by. It validates nothing; ``validated`` does."""
+    from pydantic import create_model
+
+    fields: dict[str, Any] = {}
+    for name, kind in field_types(section).items():
+        nested = isinstance(kind, type) and dataclasses.is_dataclass(kind)
+        fields[name] = (_as_model(kind) if nested else kind, None)
+    model: type = create_model(section.__name__, **fields)
+    return model
 
 
 def _deep_update(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -420,7 +553,7 @@ def _describe(err: ValidationError, path: Path) -> str:
     for problem in err.errors():
         loc = [str(part) for part in problem["loc"]]
         key = ".".join(loc) or "(top level)"
-        if problem["type"] == "extra_forbidden":
+        if problem["type"] in UNKNOWN_KEY:
             message = "unknown key"
         elif problem["type"] == "missing":
             message = "required key is missing"

@@ -1,6 +1,7 @@
 """The common start of every socket-activated mailroom program.
 
-``run(program, serve)`` loads the settings (a bad configuration: one message, exit 78),
+``run(program, serve)`` loads the settings (a bad configuration: one message, exit 78;
+validated settings are kept in systemd's ``$CACHE_DIRECTORY`` for the next start),
 sets up logging, takes the sockets systemd passed, opens the accounts database and runs
 ``serve`` until it returns (idle exit or SIGTERM). Any ``MailroomError`` ends the program with
 one clear line and exit status 1, never a traceback. With ``workers`` saying more than one,
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from mailroom.accounts import Accounts
@@ -59,12 +62,18 @@ def start(program: str) -> Settings | None:
     """The settings, with logging set up for ``program``; None after saying on stderr what
     is wrong with the configuration (the caller exits ``EX_CONFIG``)."""
     try:
-        settings = load_settings()
+        settings = load_settings(cache=cache_directory())
     except MailroomError as err:
         print(f"{program}: {err}", file=sys.stderr)
         return None
     setup_logging(program, settings.log_level)
     return settings
+
+
+def cache_directory() -> Path | None:
+    """The service's own cache directory (``CacheDirectory=`` in its unit), if it has one."""
+    first = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    return Path(first) if first else None
 
 
 def _serve(program: str, serve: Serve, settings: Settings, sockets: Sockets) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tomllib
@@ -213,3 +214,75 @@ def test_config_check_missing_file(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"mailroomctl: {tmp_path / 'missing.toml'}: ")
     assert "not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- the validated settings kept in the service's cache directory ---------------------------
+
+_LOAD = """
+import json, sys
+from pathlib import Path
+from mailroom.config import load_settings
+settings = load_settings(Path(sys.argv[1]), cache=Path(sys.argv[2]))
+print(json.dumps({"recipients": settings.smtp.max_recipients, "host": settings.hostname,
+                  "pydantic": "pydantic" in sys.modules}))
+"""
+
+
+def _load_in_a_process(config: Path, cache: Path, **env: str) -> dict[str, object]:
+    """What a fresh process (a service's start) loads, and whether it imported pydantic."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD, str(config), str(cache)],
+        env={**environ, **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    loaded: dict[str, object] = json.loads(done.stdout)
+    return loaded
+
+
+def test_a_second_start_reads_the_cache_without_pydantic(tmp_path: Path) -> None:
+    config, cache = write(tmp_path, "[smtp]\nmax_recipients = 7\n"), tmp_path / "cache"
+    cache.mkdir()
+    first = _load_in_a_process(config, cache)
+    assert first == {"recipients": 7, "host": "mail.example.test", "pydantic": True}
+    assert (cache / "settings.pickle").stat().st_mode & 0o777 == 0o600
+    assert _load_in_a_process(config, cache) == {**first, "pydantic": False}
+
+
+def test_the_cache_follows_the_file_and_the_environment(tmp_path: Path) -> None:
+    config, cache = write(tmp_path, "[smtp]\nmax_recipients = 7\n"), tmp_path / "cache"
+    cache.mkdir()
+    _load_in_a_process(config, cache)
+    config.write_text(config.read_text().replace("= 7", "= 8"))
+    assert _load_in_a_process(config, cache)["recipients"] == 8
+    changed = _load_in_a_process(config, cache, MAILROOM_SMTP__MAX_RECIPIENTS="9")
+    assert changed == {"recipients": 9, "host": "mail.example.test", "pydantic": True}
+    assert _load_in_a_process(config, cache)["recipients"] == 8
+    config.write_text(config.read_text().replace("= 8", "= 0"))
+    with pytest.raises(ConfigError, match="max_recipients"):  # validated again, refused
+        load_settings(config, cache=cache)
+
+
+def test_an_untrusted_or_forged_cache_is_not_used(tmp_path: Path) -> None:
+    config, cache = write(tmp_path, ""), tmp_path / "cache"
+    cache.mkdir()
+    _load_in_a_process(config, cache)
+    kept = cache / "settings.pickle"
+    kept.chmod(0o620)  # writable by the group: someone else may have written it
+    assert _load_in_a_process(config, cache)["pydantic"] is True
+    # The right key, then a pickle that would run a command: refused, validated instead.
+    marker = tmp_path / "ran"
+
+    class Forged:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return os.system, (f"touch {marker}",)
+
+    key = kept.read_bytes()[:32]
+    kept.write_bytes(key + pickle.dumps(Forged()))
+    kept.chmod(0o600)
+    assert _load_in_a_process(config, cache) == {
+        "recipients": 100, "host": "mail.example.test", "pydantic": True,
+    }  # fmt: skip
+    assert not marker.exists()
+    kept.write_bytes(key + b"\x80\x05truncated")
+    assert _load_in_a_process(config, cache)["pydantic"] is True

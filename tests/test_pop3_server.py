@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mailroom.accounts import Accounts, User
-from mailroom.config import Settings
+from mailroom.config import POP3Settings, Settings
 from mailroom.pop3.server import is_loopback, session_factory
 from mailroom.throttle import AuthThrottle
 from tests.pop3_fake_store import FakeMaildrop, FakeStore
@@ -47,7 +47,7 @@ def test_plaintext_only_from_loopback_and_only_when_allowed(
     settings = Settings(
         hostname="mail.example.test",
         data_dir=tmp_path,
-        pop3={"allow_plaintext_loopback": allow},  # type: ignore[arg-type]
+        pop3=POP3Settings(allow_plaintext_loopback=allow),
     )
 
     def open_maildrop(user: User) -> FakeMaildrop:

@@ -73,6 +73,7 @@ def test_services_run_unprivileged_on_a_read_only_system(unit: Path) -> None:
     assert service["CapabilityBoundingSet"] == "" and service["AmbientCapabilities"] == ""
     assert service["ProtectSystem"] == "strict"
     assert service["ReadWritePaths"] == "/var/lib/mailroom"
+    assert service["CacheDirectory"] == "mailroom"  # service.cache_directory(): the settings
     assert service["PrivateUsers"] == "yes" and service["MemoryDenyWriteExecute"] == "yes"
 
 

@@ -2,7 +2,7 @@
 
 The file is parsed with tomlkit, so a value changed here is written back in place: comments,
 blank lines, key order and the layout of a hand-edited file stay as they were. Every change is
-validated by the same pydantic ``Settings`` model the services load (``mailroom.config``);
+validated by the same pydantic validation of ``Settings`` the services load (``mailroom.config``);
 ``errors()`` maps each problem to the dotted key it belongs to, in words. ``save()`` refuses an
 invalid document, keeps the previous file as ``config.toml.bak`` and replaces the file with
 ``maildir.write_file`` (tmp, fsync, rename, fsync the directory).
@@ -10,6 +10,7 @@ invalid document, keeps the previous file as ``config.toml.bak`` and replaces th
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import types
@@ -20,11 +21,11 @@ from typing import Any, Literal
 
 import tomlkit
 import tomlkit.items
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from tomlkit.container import Container
 from tomlkit.toml_document import TOMLDocument
 
-from mailroom.config import Settings
+from mailroom.config import UNKNOWN_KEY, Settings, field_types, validated
 from mailroom.errors import ConfigError
 from mailroom.maildir import write_file
 
@@ -63,25 +64,35 @@ class Section:
         return self.name or "general"
 
 
-def sections(model: type[BaseModel] = Settings, prefix: str = "") -> list[Section]:
-    """Every section of ``model``, the top level first, nested sections after their parent."""
+def sections(section: type = Settings, prefix: str = "") -> list[Section]:
+    """Every section of ``section``, the top level first, nested sections after their parent."""
     fields: list[Field] = []
     nested: list[Section] = []
     skipped: list[str] = []
-    for name, info in model.model_fields.items():
-        annotation = _strip_optional(info.annotation)
+    types_ = field_types(section)
+    for info in dataclasses.fields(section):
+        name = info.name
+        annotation = _strip_optional(types_[name])
         key = f"{prefix}.{name}" if prefix else name
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             nested += sections(annotation, key)
             continue
         args = typing.get_args(annotation)
         if typing.get_origin(annotation) is tuple and any(
-            isinstance(a, type) and issubclass(a, BaseModel) for a in args
+            dataclasses.is_dataclass(a) for a in args
         ):
             skipped.append(key)
             continue
         kind, item_kind = _kinds(annotation)
-        default = "" if info.is_required() else _text(info.get_default(call_default_factory=True))
+        required = (
+            info.default is dataclasses.MISSING and info.default_factory is dataclasses.MISSING
+        )
+        if required:
+            default = ""
+        elif info.default_factory is not dataclasses.MISSING:
+            default = _text(info.default_factory())
+        else:
+            default = _text(info.default)
         fields.append(
             Field(
                 section=prefix,
@@ -90,7 +101,7 @@ def sections(model: type[BaseModel] = Settings, prefix: str = "") -> list[Sectio
                 item_kind=item_kind,
                 default=default,
                 choices=_choices(annotation),
-                required=info.is_required(),
+                required=required,
             )
         )
     return [Section(prefix, tuple(fields), tuple(skipped)), *nested]
@@ -232,7 +243,7 @@ class ConfigDocument:
 
     def validate(self) -> Settings:
         """The settings this document gives, or ``ValidationError``."""
-        return Settings(**self.data())
+        return validated(self.data())
 
     def errors(self) -> dict[str, str]:
         """Problems by dotted key ("" when it belongs to none), in words; {} when valid."""
@@ -310,7 +321,7 @@ def describe(err: ValidationError) -> dict[str, str]:
     for problem in err.errors():
         parts = [str(p) for p in problem["loc"] if not isinstance(p, int)]
         key = ".".join(parts)
-        if problem["type"] == "extra_forbidden":
+        if problem["type"] in UNKNOWN_KEY:
             message = "unknown key (only a text editor can remove it)"
         elif problem["type"] == "missing":
             message = "required, not set"

@@ -3,8 +3,9 @@
 Each service runs behind mailroom's activator exactly as under systemd (``Accept=no``, the
 sockets passed on the first connection) with ``idle_exit_seconds = 1``. *Cold*: the service
 has exited (no process), a client connects, and the time until the greeting's first line is
-process start, imports, configuration and the greeting. *Warm*: the service runs. Both on the
-plain ports (25, 587, 143, 110), medians of several connections. The anchors are the
+process start, imports, configuration (validated at the first start, then read from the
+cache directory the units give, as under systemd) and the greeting. *Warm*: the service
+runs. Both on the plain ports (25, 587, 143, 110), medians of several connections. The anchors are the
 programs users would otherwise run, warm (they never exit): Postfix's smtpd (a private
 instance, ``tests/postfix_peer.py``) for SMTP and submission, Dovecot for IMAP and POP3.
 Targets (issue "Performance"): cold ≤ 150 ms, warm ≤ 5 ms.
@@ -83,10 +84,16 @@ def activated(work: Path, program: str, names: tuple[str, ...]) -> Iterator[tupl
     """(the activator's pid, the first socket's port) for ``program`` behind the activator."""
     ports = {name: _free_port() for name in names}
     binds = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
+    cache = work / "cache"
+    cache.mkdir(mode=0o700, exist_ok=True)
     bindir = Path(sys.executable).parent
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailroom.activator", "--service", f"{bindir / program}:{binds}"],
-        env={"CONFIG_PATH": str(work / "config.toml"), "PATH": f"{bindir}:/usr/bin:/bin"},
+        env={
+            "CONFIG_PATH": str(work / "config.toml"),
+            "CACHE_DIRECTORY": str(cache),  # as the units' CacheDirectory=
+            "PATH": f"{bindir}:/usr/bin:/bin",
+        },
         stderr=subprocess.DEVNULL,
     )
     try:
