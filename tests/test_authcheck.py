@@ -246,6 +246,9 @@ class FakeDns:
         self.delay = delay
         self.asked: list[tuple[str, str]] = []
 
+    def cached(self, name: str, rdtype: str) -> tuple[Any, ...] | None:
+        return None  # every check goes to the executor and asks
+
     async def records(self, name: str, rdtype: str) -> tuple[Any, ...]:
         name = name.rstrip(".").lower()
         self.asked.append((name, rdtype))
@@ -443,6 +446,65 @@ def test_dns_timeout_is_temperror_within_the_budget() -> None:
         "temperror",
         Action.DELIVER,
     )
+
+
+class RememberingDns(FakeDns):
+    """``FakeDns`` that knows what it has answered, as a session's ``Resolver`` does."""
+
+    def __init__(self, zone: dict[tuple[str, str], list[str]]) -> None:
+        super().__init__(zone)
+        self.known: dict[tuple[str, str], tuple[Any, ...]] = {}
+
+    def cached(self, name: str, rdtype: str) -> tuple[Any, ...] | None:
+        return self.known.get((name.rstrip(".").lower(), rdtype))
+
+    async def records(self, name: str, rdtype: str) -> tuple[Any, ...]:
+        found = await super().records(name, rdtype)
+        self.known[(name.rstrip(".").lower(), rdtype)] = found
+        return found
+
+
+def _session(
+    zone: dict[tuple[str, str], list[str]], *ips: str, shutdown_after_first: bool = False
+) -> tuple[list[Verdict], list[tuple[str, str]]]:
+    """The verdicts on one message from each of ``ips`` in one session, and what DNS was asked."""
+
+    async def check() -> list[Verdict]:
+        with ThreadPoolExecutor(1) as executor:
+            checker = Checker(dns, POLICY, executor, lambda d: False, lambda: 0.5)
+            verdicts = []
+            for ip in ips:
+                verdicts.append(
+                    await checker.authenticate(message(), Envelope(ip, "mx.a.test", "b@a.test"))
+                )
+                if shutdown_after_first:
+                    executor.shutdown()  # from now on, a check given to it fails (temperror)
+            return verdicts
+
+    dns = RememberingDns(zone)
+    return asyncio.run(check()), dns.asked
+
+
+def test_the_sessions_next_message_is_checked_from_known_answers_alone() -> None:
+    zone = {**SPF_A, ("_dmarc.a.test", "TXT"): [txt("v=DMARC1; p=reject")]}
+    (first, second), asked = _session(zone, "192.0.2.1", "192.0.2.1", shutdown_after_first=True)
+    assert (first.spf.result, first.dmarc.result) == ("pass", "pass")
+    assert second == first  # checked on the event loop: the executor was shut down
+    assert sorted(asked) == [("_dmarc.a.test", "TXT"), ("a.test", "TXT")]
+
+
+def test_a_question_not_answered_yet_sends_the_check_to_the_executor() -> None:
+    # The second client fails SPF, and pyspf then wants the exp= explanation: not known yet.
+    zone = {
+        ("a.test", "TXT"): [txt("v=spf1 ip4:192.0.2.1 exp=why.a.test -all")],
+        ("why.a.test", "TXT"): [txt("not our server")],
+        ("_dmarc.a.test", "TXT"): [txt("v=DMARC1; p=none")],
+    }
+    (passed, failed), asked = _session(zone, "192.0.2.1", "192.0.2.2")
+    assert (passed.spf.result, failed.spf.result) == ("pass", "fail")
+    assert ("why.a.test", "TXT") in asked
+    assert failed.spf.detail == "not our server"
+    assert failed == run_check(zone, message(), ip="192.0.2.2", mail_from="b@a.test")
 
 
 def test_checks_import_lazily(tmp_path: Path) -> None:
