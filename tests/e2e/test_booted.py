@@ -210,6 +210,9 @@ def test_installed_package_serves_mail(box: Container) -> None:
             state = wait_inactive(box, unit, timeout=IDLE_EXIT_SECONDS + 25)
             status = box.run("systemctl", "status", "--no-pager", unit, check=False).stdout
             assert state == "inactive", status
+        # The services keep the validated configuration in their CacheDirectory=, theirs alone.
+        kept = box.run("stat", "-c", "%U %a", "/var/cache/mailroom/settings.pickle").stdout
+        assert kept.split() == ["mailroom", "600"], kept
         for socket_unit in ("smtpd", "submission", "submissions", "imap", "imaps", "pop3", "pop3s"):
             unit = f"mailroom-{socket_unit}.socket"
             assert box.run("systemctl", "is-active", unit).stdout.strip() == "active", unit
@@ -242,3 +245,4 @@ def test_installed_package_serves_mail(box: Container) -> None:
         assert len(kept) >= 2, sorted(p.name for p in maildir.rglob("*"))
         assert not (box.root / "usr" / "bin" / "mailroom-imapd").exists()
         assert not (box.root / "etc" / "mailroom").exists()
+        assert not (box.root / "var" / "cache" / "mailroom").exists()
