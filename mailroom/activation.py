@@ -244,7 +244,8 @@ class _Acceptor:
     kernel wakes them all for a new connection. A worker with more open connections than
     another live worker then waits ``DEFER_SECONDS`` before taking it, so that the less busy
     one does and the connections spread over the cores; if nobody has taken it by then (that
-    worker is stuck), this one does.
+    worker is stuck), this one does. A burst is shared the same way: a worker stops taking
+    connections as soon as the ones it has just accepted make it the busier one.
     """
 
     def __init__(
@@ -262,6 +263,7 @@ class _Acceptor:
         self.stopped = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._starting = 0  # accepted, not yet counted in ``shared`` (being set up)
         sock.setblocking(False)
 
     def start(self) -> None:
@@ -278,8 +280,11 @@ class _Acceptor:
         self.loop.remove_reader(self.sock.fileno())
         self._timer = self.loop.call_later(seconds, self._resume)
 
+    def _busier(self) -> bool:
+        return self.shared is not None and self.shared.busier(self._starting)
+
     def _readable(self) -> None:
-        if self.shared is not None and self.shared.busier():
+        if self._busier():
             self._pause(DEFER_SECONDS)
         else:
             self._accept()
@@ -291,7 +296,9 @@ class _Acceptor:
 
     def _accept(self) -> bool:
         """Take the waiting connections; False when accepting is paused (out of descriptors)."""
-        for _ in range(ACCEPT_BATCH):
+        for taken in range(ACCEPT_BATCH):
+            if taken and self._busier():
+                return True  # the others are left to a less busy worker (see _readable)
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -303,12 +310,19 @@ class _Acceptor:
                     return False
                 raise
             conn.setblocking(False)
+            self._starting += 1
             task = self.loop.create_task(self._connect(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return True
 
     async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._set_up(conn)
+        finally:
+            self._starting -= 1  # counted by the tracker now, or closed
+
+    async def _set_up(self, conn: socket.socket) -> None:
         tls = self.tls() if callable(self.tls) else self.tls
         if tls is None and self.tls is not None:
             conn.close()  # implicit TLS without a certificate: nothing can be said

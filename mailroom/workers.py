@@ -113,12 +113,13 @@ class SharedCounts:
         flags[worker] = live
         _LIVE.pack_into(self._map, _TOTALS.size, *flags)
 
-    def busier(self) -> bool:
-        """Whether another live worker has fewer open connections than this one."""
+    def busier(self, starting: int = 0) -> bool:
+        """Whether another live worker has fewer open connections than this one, counting
+        ``starting`` more for this one (accepted, not yet counted)."""
         with self._locked():
             totals = _TOTALS.unpack_from(self._map, 0)
             live = _LIVE.unpack_from(self._map, _TOTALS.size)
-        mine = totals[self.worker]
+        mine = totals[self.worker] + starting
         return any(live[i] and totals[i] < mine for i in range(MAX_WORKERS) if i != self.worker)
 
     def forget(self, worker: int) -> None:

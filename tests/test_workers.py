@@ -475,3 +475,19 @@ def test_imapd_workers_share_the_connections(mail_env: MailEnv) -> None:
             imapd.held.append(sock)
             on[serving_worker(sock, imapd.port, imapd.pids)] += 1
         assert sorted(on.values()) in ([5, 5], [4, 6]), on
+
+
+def test_imapd_workers_share_a_burst_of_connections(mail_env: MailEnv) -> None:
+    # Twenty clients connect at once, none waiting for its greeting. A worker's new
+    # connection is counted only once it is set up, a moment after accept(): the worker that
+    # woke first went on taking the others meanwhile (14 to 20 of them, and port 25 under
+    # load ran on one core).
+    with two_imapd_workers(mail_env, "max_connections_per_ip = 50\n") as imapd:
+        for _ in range(20):
+            imapd.held.append(socket.create_connection(("127.0.0.1", imapd.port), timeout=5))
+        on: Counter[int] = Counter()
+        for sock in imapd.held:
+            data = sock.recv(1024)
+            assert data.startswith(b"* OK "), data
+            on[serving_worker(sock, imapd.port, imapd.pids)] += 1
+        assert min(on[pid] for pid in imapd.pids) >= 5, on
