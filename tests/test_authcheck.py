@@ -471,7 +471,7 @@ def _session(
 
     async def check() -> list[Verdict]:
         with ThreadPoolExecutor(1) as executor:
-            checker = Checker(dns, POLICY, executor, lambda d: False, lambda: 0.5)
+            checker = Checker(answers, POLICY, executor, lambda d: False, lambda: 0.5)
             verdicts = []
             for ip in ips:
                 verdicts.append(
@@ -481,8 +481,8 @@ def _session(
                     executor.shutdown()  # from now on, a check given to it fails (temperror)
             return verdicts
 
-    dns = RememberingDns(zone)
-    return asyncio.run(check()), dns.asked
+    answers = RememberingDns(zone)
+    return asyncio.run(check()), answers.asked
 
 
 def test_the_sessions_next_message_is_checked_from_known_answers_alone() -> None:

@@ -211,8 +211,8 @@ def test_installed_package_serves_mail(box: Container) -> None:
             status = box.run("systemctl", "status", "--no-pager", unit, check=False).stdout
             assert state == "inactive", status
         # The services keep the validated configuration in their CacheDirectory=, theirs alone.
-        kept = box.run("stat", "-c", "%U %a", "/var/cache/mailroom/settings.pickle").stdout
-        assert kept.split() == ["mailroom", "600"], kept
+        cache = box.run("stat", "-c", "%U %a", "/var/cache/mailroom/settings.pickle").stdout
+        assert cache.split() == ["mailroom", "600"], cache
         for socket_unit in ("smtpd", "submission", "submissions", "imap", "imaps", "pop3", "pop3s"):
             unit = f"mailroom-{socket_unit}.socket"
             assert box.run("systemctl", "is-active", unit).stdout.strip() == "active", unit
