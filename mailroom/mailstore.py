@@ -58,7 +58,11 @@ What it promises
   ``cur/`` are those seen before a listing begun more than a second after them. When another
   process wrote the index, only the rows with a MODSEQ above the cached HIGHESTMODSEQ and the
   tombstones since are read. New files are stat'ed (their mtime is the internal date) but
-  never read when their names carry the Maildir++ ``W=`` size.
+  never read when their names carry the Maildir++ ``W=`` size. A sync that writes takes the
+  names in ``new/`` and ``cur/`` from the process's inotify listings too, rather than listing
+  them again, and a first sync makes its snapshot from the rows it writes, without reading
+  them back. ``select`` (a read-write SELECT) writes the messages its sync indexes as claimed
+  (\\Recent) in the same transaction, rather than in a second one.
 
 Instances are safe to use from several threads; they are not meant to be shared across a fork.
 """
@@ -71,6 +75,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import re
@@ -83,6 +88,7 @@ import unicodedata
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, NamedTuple, ParamSpec, TypeVar
@@ -459,7 +465,7 @@ class UidList:
 
     def dump(self) -> bytes:
         lines = [f"mailroom-uidlist 1 V{self.uidvalidity} N{self.uidnext} M{self.highestmodseq}\n"]
-        lines += [f"{uid} {key}\n" for key, uid in sorted(self.uids.items(), key=lambda i: i[1])]
+        lines += [f"{uid} {key}\n" for key, uid in sorted(self.uids.items(), key=itemgetter(1))]
         return "".join(lines).encode("utf-8", errors="surrogateescape")
 
     @staticmethod
@@ -865,6 +871,20 @@ _INSERT = (
     "INSERT INTO messages (mailbox, uid, key, filename, flags, modseq, size, internaldate,"
     " recent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_ROWS = 100  # rows per INSERT of _insert: 900 parameters, under SQLite's oldest limit
+
+
+def _insert(db: sqlite3.Connection, inserts: list[_Insert]) -> None:
+    """Insert the rows, many per statement (a third faster than one each for thousands)."""
+    whole = len(inserts) - len(inserts) % _INSERT_ROWS
+    if whole:
+        statement = _INSERT + ", (?, ?, ?, ?, ?, ?, ?, ?, ?)" * (_INSERT_ROWS - 1)
+        for start in range(0, whole, _INSERT_ROWS):
+            db.execute(
+                statement,
+                list(itertools.chain.from_iterable(inserts[start : start + _INSERT_ROWS])),
+            )
+    db.executemany(_INSERT, inserts[whole:])
 
 
 def _row(values: _RowTuple) -> _Row:
@@ -981,11 +1001,44 @@ def _flag_set(flags: str) -> frozenset[str]:
     return found
 
 
+class _Fresh:
+    """The messages of a first sync as they are indexed, made into the snapshot ``_load``
+    would read back."""
+
+    def __init__(self) -> None:
+        self.messages: list[MessageInfo] = []
+        self.filenames: list[str] = []
+        self._dates: dict[int, datetime] = {}  # many messages share a second
+
+    def add(
+        self, uid: int, key: str, filename: str, flags: str, modseq: int, size: int, date: int
+    ) -> None:
+        moment = self._dates.get(date)
+        if moment is None:
+            moment = self._dates[date] = datetime.fromtimestamp(date, UTC)
+        self.messages.append(MessageInfo(uid, _flag_set(flags), modseq, size, moment, key))
+        self.filenames.append(filename)
+
+    def snapshot(self, box: _Box, uidnext: int, highest: int) -> Snapshot:
+        """The snapshot, in UID order (``filenames`` then in the same order)."""
+        if any(a.uid > b.uid for a, b in itertools.pairwise(self.messages)):  # a rebuild's
+            order = sorted(range(len(self.messages)), key=lambda i: self.messages[i].uid)
+            self.messages = [self.messages[i] for i in order]
+            self.filenames = [self.filenames[i] for i in order]
+        messages = tuple(self.messages)
+        return Snapshot(
+            box.name, box.uidvalidity, uidnext, highest, messages, tuple(m.uid for m in messages)
+        )
+
+
 def _replace(cached: _Cached, **changes: object) -> _Cached:
     return dataclasses.replace(cached, **changes)  # type: ignore[arg-type]
 
 
-def _by_key(names: Iterable[str]) -> dict[str, str]:
+def _by_key(names: Collection[str]) -> dict[str, str]:
+    fast = {name.partition(":")[0]: name for name in names}
+    if len(fast) == len(names):  # the rule: every key once
+        return fast
     result: dict[str, str] = {}
     for name in sorted(names):
         key = _split_name(name)[0]
@@ -1002,6 +1055,30 @@ def _flags_text(flags: Iterable[str]) -> str:
 
 def _wire_size(data: bytes) -> int:
     return len(data.replace(b"\r\n", b"\n")) + data.replace(b"\r\n", b"\n").count(b"\n")
+
+
+# (delivery order, mtime in seconds, size): what indexing a message file needs of it
+_Facts = tuple[int, int, int]
+
+
+def _facts(dir_fd: int, key: str, name: str) -> _Facts | None:
+    """The facts of message file ``name`` (of ``key``) in the directory open as ``dir_fd``;
+    None if it is not there. The order is the delivery time in the name (Maildir's
+    ``{sec}.M{usec}``), else the mtime; the size is ``W=``, else the file is read for it."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd)
+        size_match = _SIZE_W.search(key)
+        if size_match:
+            size = int(size_match[1])
+        else:  # a file some other program delivered, without the Maildir++ W= size
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+            with open(fd, "rb") as f:
+                size = _wire_size(f.read())
+    except FileNotFoundError:
+        return None
+    match = _ORDER.match(key)
+    order = int(match[1]) * 1_000_000 + int(match[2] or 0) if match else st.st_mtime_ns // 1000
+    return order, int(st.st_mtime), size
 
 
 def _to_crlf(data: bytes, key: str) -> bytes:
@@ -1402,6 +1479,19 @@ class MailStore:
     def sync(self, name: str) -> Snapshot:
         """The mailbox now: deliveries picked up (new/ -> cur/, UIDs ascending in delivery
         order), flags changed by others (MODSEQ bumped), files removed by others expunged."""
+        return self._sync(name, claim=False)[0]
+
+    @_guarded
+    def select(self, name: str) -> tuple[Snapshot, frozenset[int]]:
+        """``sync`` then ``claim_recent`` (a read-write SELECT), in one write where the sync
+        writes at all: the messages it indexes are written already claimed by the caller."""
+        snapshot, claimed = self._sync(name, claim=True)
+        if claimed is None:  # answered without writing: claim what others indexed
+            claimed = self.claim_recent(name)
+        return snapshot, claimed
+
+    def _sync(self, name: str, *, claim: bool) -> tuple[Snapshot, frozenset[int] | None]:
+        """``sync``; with ``claim``, and if it writes, also the UIDs it claimed (else None)."""
         folder = self._folder(name)
         dirs = _dir_stamp(folder)
         if dirs is None:  # not there: the error, or INBOX made
@@ -1415,7 +1505,7 @@ class MailStore:
             and cached.data_version == data_version
         )
         if valid and cached is not None and _unchanged(cached, dirs):
-            return cached.snapshot
+            return cached.snapshot, None
         listed_at = time.time_ns()
         for directory in (str(folder.new), str(folder.cur)):
             if directory not in self._held:
@@ -1432,7 +1522,7 @@ class MailStore:
             self._cache[folder.name] = _replace(
                 cached, dirs=dirs, listed_at=listed_at, cur_token=token
             )
-            return cached.snapshot
+            return cached.snapshot, None
         if not new:  # perhaps only the index changed (another process synced first)
             loaded = self._load(folder.name, incremental=True)
             same = loaded is not None and cur == loaded.filenames
@@ -1445,9 +1535,10 @@ class MailStore:
                 self._cache[folder.name] = _replace(
                     loaded, dirs=dirs, listed_at=listed_at, cur_token=token
                 )
-                return loaded.snapshot
+                return loaded.snapshot, None
+        claimed: set[int] | None = set() if claim else None
         with self._index.write() as db:
-            fresh = self._sync_locked(db, folder)
+            fresh = self._sync_locked(db, folder, claimed=claimed)
         if fresh is not None:
             self._base[folder.name] = fresh
         loaded = self._load(folder.name, incremental=True)
@@ -1457,7 +1548,7 @@ class MailStore:
         if token is not None and cur == loaded.filenames:  # the listing after our own renames
             loaded = _replace(loaded, cur_token=token)
         self._cache[folder.name] = loaded
-        return loaded.snapshot
+        return loaded.snapshot, None if claimed is None else frozenset(claimed)
 
     def _load(self, name: str, *, incremental: bool = False) -> _Cached | None:
         """The mailbox as the index has it; None if unknown or an expunge is unfinished.
@@ -1676,13 +1767,16 @@ class MailStore:
         folder: _Folder,
         flags_for: dict[str, frozenset[str]] | None = None,
         known: dict[str, int] | None = None,
+        claimed: set[int] | None = None,
     ) -> _Cached | None:
         """Bring the index in line with the folder; call inside a write transaction.
 
         ``flags_for`` gives the flags of keys arriving in new/ (APPEND). ``known`` are UIDs
-        the uidlist still names (when the row was just started). Returns the mailbox as now
-        indexed when that is known without reading it back (the index had no message of it
-        before: a first sync), for ``_load`` to build on once the transaction has committed.
+        the uidlist still names (when the row was just started). With ``claimed``, the
+        messages that would be \\Recent are written claimed, their UIDs added to it (SELECT).
+        Returns the mailbox as now indexed when that is known without reading it back (the
+        index had no message of it before: a first sync), for ``_load`` to build on once the
+        transaction has committed.
         """
         box = self._box(db, folder.name)
         if box is None:
@@ -1718,36 +1812,41 @@ class MailStore:
             for r in pending:
                 del rows[r.key]
 
-        # 2. new/ -> cur/ with ":2," (a known key here is a rename a crash undid).
+        # 2. new/ -> cur/ with ":2," (a known key here is a rename a crash undid). The names
+        #    are the listings' (what listing the directory would give now, mostly unlisted).
         new_dir, cur_dir = str(folder.new), str(folder.cur)  # strings: no Path per file
         from_new: set[str] = set()
-        arriving = _listdir(folder.new)
-        if len(arriving) > BULK_RENAMES:
+        moves: list[tuple[str, str]] = []  # (name in new/, name in cur/)
+        for name in self._listings.names(new_dir)[1]:
+            key, letters = _split_name(name)
+            if key in rows:
+                target = rows[key].filename
+            else:
+                wanted = flags_for.get(key)
+                if wanted is not None:
+                    letters = keywords.letters(wanted)
+                target = f"{key}:2,{letters}"
+                from_new.add(key)
+            moves.append((name, target))
+        if len(moves) > BULK_RENAMES:
             self._listings.suspend(new_dir)
             self._listings.suspend(cur_dir)
-        if arriving:
+        if moves:
             with _opened_dir(new_dir) as new_fd, _opened_dir(cur_dir) as cur_fd:
-                for name in arriving:
-                    key, letters = _split_name(name)
-                    if key in rows:
-                        target = rows[key].filename
-                    else:
-                        wanted = flags_for.get(key)
-                        if wanted is not None:
-                            letters = keywords.letters(wanted)
-                        target = f"{key}:2,{letters}"
-                        from_new.add(key)
+                for name, target in moves:
                     try:
                         os.rename(name, target, src_dir_fd=new_fd, dst_dir_fd=cur_fd)
                     except FileNotFoundError:  # another process moved it first
                         continue
 
         # 3. Compare cur/ with the index: renamed (flags) and vanished files.
-        in_cur = _listdir(folder.cur)
-        if self._split_duplicates(folder, rows, in_cur):
-            log.info("%s: files sharing a key got keys of their own", folder.cur)
-            in_cur = _listdir(folder.cur)
-        on_disk = _by_key(in_cur)
+        in_cur = self._listings.names(cur_dir)[1]
+        on_disk = {name.partition(":")[0]: name for name in in_cur}
+        if len(on_disk) != len(in_cur):  # files sharing a key
+            if self._split_duplicates(folder, rows, list(in_cur)):
+                log.info("%s: files sharing a key got keys of their own", folder.cur)
+                in_cur = frozenset(_listdir(folder.cur))
+            on_disk = _by_key(in_cur)
         if any(key not in on_disk for key in rows):
             # readdir may miss a file being renamed by a mail reader right now: look again.
             on_disk = _by_key(_listdir(folder.cur))
@@ -1768,56 +1867,55 @@ class MailStore:
             "UPDATE messages SET filename = ?, flags = ?, modseq = ? WHERE mailbox = ? AND uid = ?",
             updates,
         )
+        if claimed is not None:  # what others indexed and no session claimed yet
+            unclaimed = [r.uid for key, r in rows.items() if r.recent and key in on_disk]
+            db.executemany(
+                "UPDATE messages SET recent = 0 WHERE mailbox = ? AND uid = ?",
+                [(box.id, uid) for uid in unclaimed],
+            )
+            claimed.update(unclaimed)
 
         # 4. Files the index does not know: UIDs in delivery order (RFC 9051 2.3.1.1); the
         #    UIDs a uidlist still names (a rebuild) come first and stay what they were.
-        arrivals: list[tuple[int, int, str, str, os.stat_result]] = []
+        #    (wanted UID, delivery order, key, file name, mtime in seconds, size)
+        arrivals: list[tuple[int, int, str, str, int, int]] = []
         unknown = [(key, filename) for key, filename in on_disk.items() if key not in rows]
         if unknown:
+            later = box.uidnext + 2**62
             with _opened_dir(cur_dir) as cur_fd:
                 for key, filename in unknown:
-                    try:
-                        st = os.stat(filename, dir_fd=cur_fd)
-                    except FileNotFoundError:
-                        continue
-                    match = _ORDER.match(key)
-                    order = (
-                        int(match[1]) * 1_000_000 + int(match[2] or 0)
-                        if match
-                        else st.st_mtime_ns // 1000
-                    )
-                    uid = known.get(key, box.uidnext + 2**62)
-                    arrivals.append((uid, order, key, filename, st))
+                    facts = _facts(cur_fd, key, filename)
+                    if facts is not None:
+                        order, mtime, size = facts
+                        arrivals.append((known.get(key, later), order, key, filename, mtime, size))
         arrivals.sort()  # keys are unique: the comparison never reaches the file name
         uidnext = box.uidnext
         used = {r.uid for r in rows.values()}
         inserts: list[_Insert] = []
-        flag_texts: dict[str, str] = {}  # flag letters -> flags column; most files share a few
-        for wanted_uid, _, key, filename, st in arrivals:
-            size_match = _SIZE_W.search(key)
-            if size_match:
-                size = int(size_match[1])
-            else:  # a file some other program delivered, without the Maildir++ W= size
-                try:
-                    size = _wire_size((folder.cur / filename).read_bytes())
-                except FileNotFoundError:
-                    continue
-            if key in known and wanted_uid not in used:
-                uid = wanted_uid
+        # A first sync (no rows before) also makes the mailbox as _load would read it back.
+        fresh: _Fresh | None = _Fresh() if not rows else None
+        flag_texts: dict[str, str] = {}  # ":2,{letters}" -> flags column; most share a few
+        box_id = box.id
+        for wanted_uid, _, key, filename, mtime, size in arrivals:
+            if key not in known:
+                uid, recent = uidnext, 1
             else:
-                uid = max(uidnext, *used, 0) if key in known else uidnext
-            uidnext = max(uidnext, uid + 1)
+                uid = wanted_uid if wanted_uid not in used else max(uidnext, *used, 0)
+                recent = int(key in from_new)
+            if uid >= uidnext:
+                uidnext = uid + 1
             used.add(uid)
             highest += 1
-            letters = _split_name(filename)[1]
-            flags_text = flag_texts.get(letters)
+            flags_text = flag_texts.get(filename[len(key) :])
             if flags_text is None:
-                flags_text = flag_texts[letters] = _flags_text(keywords.flags(letters))
-            recent = key in from_new or key not in known
-            inserts.append(
-                (box.id, uid, key, filename, flags_text, highest, size, int(st.st_mtime),
-                 int(recent))
-            )  # fmt: skip
+                flags = keywords.flags(_split_name(filename)[1])
+                flags_text = flag_texts[filename[len(key) :]] = _flags_text(flags)
+            if recent and claimed is not None:
+                claimed.add(uid)
+                recent = 0
+            inserts.append((box_id, uid, key, filename, flags_text, highest, size, mtime, recent))
+            if fresh is not None:
+                fresh.add(uid, key, filename, flags_text, highest, size, mtime)
 
         # 5. The durable record first: the uidlist names every UID before the index commits it.
         if inserts or known:
@@ -1825,7 +1923,7 @@ class MailStore:
             recorded.update({i[2]: i[1] for i in inserts})
             uidlist = UidList(box.uidvalidity, uidnext, highest, recorded)
             _write_atomic(folder.path / UIDLIST_NAME, uidlist.dump(), self.maildir.fsync)
-        db.executemany(_INSERT, inserts)
+        _insert(db, inserts)
 
         # 6. Removed by someone else: an expunge with a tombstone.
         if gone:
@@ -1836,27 +1934,11 @@ class MailStore:
             (uidnext, highest, box.id),
         )
         self._cache.pop(folder.name, None)
-        if rows or not inserts:
+        if fresh is None or not inserts:
             return None
-        return self._fresh(box, uidnext, highest, inserts)
-
-    def _fresh(self, box: _Box, uidnext: int, highest: int, inserts: list[_Insert]) -> _Cached:
-        """The mailbox whose only messages are ``inserts``, as ``_load`` would read it."""
-        dates: dict[int, datetime] = {}
-        messages: list[MessageInfo] = []
-        files: dict[int, str] = {}
-        for _, uid, key, filename, flags, modseq, size, date, _ in sorted(
-            inserts, key=lambda i: i[1]
-        ):
-            moment = dates.get(date)
-            if moment is None:
-                moment = dates[date] = datetime.fromtimestamp(date, UTC)
-            messages.append(MessageInfo(uid, _flag_set(flags), modseq, size, moment, key))
-            files[uid] = filename
-        snapshot = Snapshot(
-            box.name, box.uidvalidity, uidnext, highest, tuple(messages), tuple(files)
-        )
-        return _Cached(self._index.inode, 0, frozenset(files.values()), snapshot, files, box.id)
+        snapshot = fresh.snapshot(box, uidnext, highest)
+        files = dict(zip(snapshot.uids, fresh.filenames, strict=True))
+        return _Cached(self._index.inode, 0, frozenset(fresh.filenames), snapshot, files, box.id)
 
     def _split_duplicates(self, folder: _Folder, rows: dict[str, _Row], names: list[str]) -> bool:
         """Give a new key to each extra file sharing a key (a mail reader's crash can leave
@@ -2392,7 +2474,7 @@ class MailStore:
         recorded.update({i[2]: i[1] for i in inserts})
         uidlist = UidList(box.uidvalidity, uidnext, highest, recorded)
         _write_atomic(folder.path / UIDLIST_NAME, uidlist.dump(), self.maildir.fsync)
-        db.executemany(_INSERT, inserts)
+        _insert(db, inserts)
         db.execute(
             "UPDATE mailboxes SET uidnext = ?, highestmodseq = ? WHERE id = ?",
             (uidnext, highest, box.id),

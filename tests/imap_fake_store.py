@@ -123,6 +123,9 @@ class FakeStore:
             tuple(f.messages[u] for u in sorted(f.messages)),
         )
 
+    def select(self, name: str) -> tuple[Snapshot, frozenset[int]]:
+        return self.sync(name), self.claim_recent(name)
+
     def status(self, name: str) -> MailboxStatus:
         f = self._folder(name)
         ms = list(f.messages.values())

@@ -108,6 +108,22 @@ def test_select_fetch_store_search_expunge(store: MailStore) -> None:
     """)
 
 
+def test_recent_goes_to_the_first_read_write_select(store: MailStore) -> None:
+    """RFC 3501 2.3.2: the session whose SELECT first sees a delivery is told it is \\Recent;
+    EXAMINE claims nothing, and no later session gets it."""
+    for n in range(3):
+        store.maildir.deliver(message(f"Delivered {n}"))
+    other = MailStore(store.maildir)
+    examining, first, later = conversation(other), conversation(store), conversation(other)
+    examining.send(b"e EXAMINE INBOX\r\n")
+    assert examining.pending[:2] == ["* 3 EXISTS", "* 0 RECENT"]
+    first.send(b"s SELECT INBOX\r\n")
+    assert first.pending[:2] == ["* 3 EXISTS", "* 3 RECENT"]
+    later.send(b"s SELECT INBOX\r\n")
+    assert later.pending[:2] == ["* 3 EXISTS", "* 0 RECENT"]
+    other.close()
+
+
 def test_append_copy_move_with_uids(store: MailStore) -> None:
     conv = selected(store, 2)
     raw = message("Appended")

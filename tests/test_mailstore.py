@@ -433,6 +433,80 @@ def test_recent_is_claimed_by_one_session(maildir: Maildir) -> None:
         assert all("\\Recent" not in m.flags for m in one.sync("INBOX").messages)
 
 
+def test_select_claims_what_it_indexes_and_what_others_left(maildir: Maildir) -> None:
+    for n in range(3):
+        maildir.deliver(message(n))
+    with MailStore(maildir) as one, MailStore(maildir) as two:
+        snapshot, recent = one.select("INBOX")  # indexes the three, written claimed
+        assert [m.uid for m in snapshot.messages] == [1, 2, 3]
+        assert recent == {1, 2, 3}
+        assert two.status("INBOX").recent == 0
+        assert two.claim_recent("INBOX") == frozenset()
+        maildir.deliver(message(3))
+        assert two.sync("INBOX").uidnext == 5  # indexed by a sync: left for a SELECT
+        maildir.deliver(message(4))
+        # one's sync writes (message 5 is new to the index) and claims 4 in the same write
+        assert one.select("INBOX")[1] == {4, 5}
+        assert two.claim_recent("INBOX") == frozenset()
+        maildir.deliver(message(5))
+        two.sync("INBOX")
+        # nothing new on disk for one: answered from the index, then 6 claimed
+        assert one.select("INBOX") == (one.sync("INBOX"), frozenset({6}))
+        assert one.select("INBOX")[1] == frozenset()
+        assert one.status("INBOX").recent == 0
+
+
+def test_a_first_sync_of_many_messages_is_what_the_index_reads_back(maildir: Maildir) -> None:
+    """Hundreds at once (listings read afresh, rows inserted many per statement, the snapshot
+    made as they are written): the same as another store loads from the index."""
+    count = 321  # above BULK_RENAMES, and not a whole number of rows per INSERT
+    for n in range(count):
+        maildir.deliver(message(n))
+    (maildir.root / "cur" / "1.M1P1.elsewhere:2,S").write_bytes(b"Subject: n=999\n\nold\n")
+    with MailStore(maildir) as one, MailStore(maildir) as two:
+        snapshot, recent = one.select("INBOX")
+        loaded = two.sync("INBOX")
+        assert snapshot.messages == loaded.messages
+        assert snapshot.uids == loaded.uids == tuple(range(1, count + 2))
+        assert recent == set(snapshot.uids)
+        assert not os.listdir(maildir.root / "new")
+        # delivery order: the file from 1970 first, then as delivered
+        assert [number(one.read("INBOX", uid)) for uid in snapshot.uids] == [999, *range(count)]
+        first = snapshot.messages[0]
+        assert first.size == len(b"Subject: n=999\r\n\r\nold\r\n")  # no W=: read for it
+        assert first.flags == {"\\Seen"}
+        path = one.path("INBOX", 2)
+        assert snapshot.messages[1].internaldate == datetime.fromtimestamp(
+            int(path.stat().st_mtime), UTC
+        )
+        maildir.deliver(message(count))
+        assert one.sync("INBOX").uids == (*snapshot.uids, count + 2)
+        assert two.sync("INBOX").messages == one.sync("INBOX").messages
+
+
+def test_a_big_delivery_beside_other_programs_changes(maildir: Maildir) -> None:
+    """The watched listings a sync works from see what others did since the last one: a
+    flag set by a mail reader, a file removed, hundreds delivered."""
+    for n in range(3):
+        maildir.deliver(message(n))
+    with MailStore(maildir) as one:
+        before = one.sync("INBOX")
+        cur = maildir.root / "cur"
+        flagged, removed = (one.path("INBOX", uid) for uid in (1, 2))
+        os.rename(flagged, cur / f"{before.messages[0].key}:2,F")
+        os.unlink(removed)
+        for n in range(3, 303):
+            maildir.deliver(message(n))
+        snapshot, recent = one.select("INBOX")
+        assert snapshot.uids == (1, 3, *range(4, 304))
+        assert snapshot.messages[0].flags == {"\\Flagged"}
+        assert snapshot.messages[0].modseq > before.highestmodseq
+        assert recent == set(snapshot.uids)  # nobody had claimed the first ones either
+        assert one.changes_since("INBOX", before.highestmodseq)[1] == [2]
+        with MailStore(maildir) as two:
+            assert two.sync("INBOX").messages == snapshot.messages
+
+
 def test_status_counts(store: MailStore, maildir: Maildir) -> None:
     for n in range(3):
         maildir.deliver(message(n))

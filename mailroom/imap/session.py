@@ -296,6 +296,7 @@ class MailStore(Protocol):
     def subscribe(self, name: str, /) -> None: ...
     def unsubscribe(self, name: str, /) -> None: ...
     def sync(self, name: str, /) -> Snapshot: ...
+    def select(self, name: str, /) -> tuple[Snapshot, frozenset[int]]: ...
     def status(self, name: str, /) -> MailboxStatus: ...
     def read(self, name: str, uid: int, /) -> bytes: ...
     def store(
@@ -1145,7 +1146,10 @@ class IMAPSession:
             out += b"* OK [CLOSED] Previous mailbox closed\r\n"  # RFC 9051 7.1, RFC 7162 3.2.11
             self._set_state(State.AUTHENTICATED)
         try:
-            snap = store.sync(name)
+            if readonly:
+                snap, recent = store.sync(name), frozenset[int]()
+            else:  # RFC 3501 2.3.2: this session is the first told of these messages
+                snap, recent = store.select(name)
         except MailboxNotFoundError:
             return bytes(out) + self._tagged(tag, "NO", f"No mailbox {name}", code="NONEXISTENT")
         box = Mailbox(
@@ -1156,8 +1160,7 @@ class IMAPSession:
             highestmodseq=snap.highestmodseq,
             uidnext=snap.uidnext,
         )
-        if not readonly:
-            box.recent = set(store.claim_recent(name))
+        box.recent = set(recent)
         box.keywords = _keywords(snap.messages)
         out += b"* %d EXISTS\r\n" % len(box.uids)
         if not self.rev2:
