@@ -87,6 +87,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) STRICT""",
         "CREATE INDEX login_failures_last ON login_failures (last)",
     ),
+    (
+        # The hash an unknown name's password is checked against (``Accounts._dummy``): made
+        # once and kept here, so that a fresh process's first login does not make it again.
+        """CREATE TABLE dummy_hash (
+            id   INTEGER PRIMARY KEY CHECK (id = 1),
+            hash TEXT NOT NULL
+        ) STRICT""",
+    ),
 )
 
 
@@ -446,12 +454,30 @@ class Accounts:
             return False
 
     def _dummy(self) -> str:
-        # Made on first use, before any lookup, so the first attempt costs the same either way.
+        """The hash a password for an unknown or disabled name is verified against.
+
+        Fetched before any lookup, so that a first attempt costs the same either way. Read from
+        the database; made (one argon2 run) only when it has none with the current parameters,
+        and then kept there for every later process (a read-only database: for this one).
+        """
         with self._dummy_lock:
             if self._dummy_hash is None:
-                with _HASHING:
-                    self._dummy_hash = str(self._hasher.hash(secrets.token_urlsafe(24)))
+                with self._read() as db:
+                    row = db.execute("SELECT hash FROM dummy_hash WHERE id = 1").fetchone()
+                if row is not None and not self._hasher.check_needs_rehash(str(row[0])):
+                    self._dummy_hash = str(row[0])
+                else:
+                    with _HASHING:
+                        self._dummy_hash = str(self._hasher.hash(secrets.token_urlsafe(24)))
+                    self._keep_dummy(self._dummy_hash)
             return self._dummy_hash
+
+    def _keep_dummy(self, made: str) -> None:
+        try:
+            with self._write() as db:
+                db.execute("INSERT OR REPLACE INTO dummy_hash (id, hash) VALUES (1, ?)", (made,))
+        except AccountError as err:  # e.g. a read-only database: made again by the next process
+            log.warning("could not keep the dummy password hash: %s", err)
 
     def _migrate(self) -> None:
         while True:

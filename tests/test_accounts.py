@@ -608,3 +608,37 @@ def test_default_hasher_is_argon2id_rfc9106_low_memory() -> None:
 def test_password_hash_is_not_the_password(accounts: Accounts, db_path: Path) -> None:
     accounts.add_user("alice@example.org", PASSWORD)
     assert PASSWORD.encode() not in db_path.read_bytes() + Path(f"{db_path}-wal").read_bytes()
+
+
+class HashCounter(PasswordHasher):  # type: ignore[misc]
+    """Counts the hashes made (not verified)."""
+
+    def __init__(self, time_cost: int = 1) -> None:
+        super().__init__(time_cost=time_cost, memory_cost=8, parallelism=1)
+        self.made = 0
+
+    def hash(self, password: str | bytes) -> str:
+        self.made += 1
+        return str(super().hash(password))
+
+
+def test_the_dummy_hash_is_made_once_for_every_later_process(db_path: Path) -> None:
+    with Accounts(db_path, hasher=cheap_hasher()) as db:
+        db.add_domain("example.test")
+        db.add_user("alice@example.test", PASSWORD)
+    first = HashCounter()
+    with Accounts(db_path, hasher=first) as db:  # the first process to check a password
+        assert db.verify_password("nobody@example.test", PASSWORD) is None
+    assert first.made == 1
+    later = HashCounter()
+    with Accounts(db_path, hasher=later) as db:  # every later one: known and unknown alike
+        assert db.verify_password("alice@example.test", PASSWORD) is not None
+        assert db.verify_password("nobody@example.test", PASSWORD) is None
+    assert later.made == 0
+    stronger = HashCounter(time_cost=2)  # new parameters: a new dummy, kept again
+    with Accounts(db_path, hasher=stronger) as db:
+        assert db.verify_password("nobody@example.test", PASSWORD) is None
+    with Accounts(db_path, hasher=HashCounter(time_cost=2)) as db:
+        assert db.verify_password("nobody@example.test", PASSWORD) is None
+        assert db._hasher.made == 0
+    assert stronger.made == 1
