@@ -227,6 +227,7 @@ class Accounts:
                 (str(addr), addr.domain, addr.localpart, password_hash, quota_bytes),
             )
         log.info("added user %s", addr)
+        self._dummy()  # made now if the database has none, not by a service's first login
         return User(addr, True, quota_bytes)
 
     def del_user(self, address: str) -> User:
@@ -459,6 +460,7 @@ class Accounts:
         Fetched before any lookup, so that a first attempt costs the same either way. Read from
         the database; made (one argon2 run) only when it has none with the current parameters,
         and then kept there for every later process (a read-only database: for this one).
+        ``add_user`` makes it, so a service's first login finds it.
         """
         with self._dummy_lock:
             if self._dummy_hash is None:

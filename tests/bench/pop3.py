@@ -9,8 +9,8 @@ best of ``ROUNDS`` sessions. QUIT deletes nothing, so every round sees the same 
 new messages (mailroom builds its index, Dovecot its own). The service is already running
 then: before it, one connection to each server only reads the greeting and QUITs, for both
 alike, so that mailroom's process start (socket activation, measured by ``cold_start``) is
-not in the figure. (A process's first password check also makes ``mailroom.accounts``' dummy
-hash, one more argon2 run, which is in it.) "login + STAT" is the best of the later sessions.
+not in the figure (the dummy hash for unknown names is not either: adding the user made it, as
+``mailroomctl user add`` does). "login + STAT" is the best of the later sessions.
 """
 
 from __future__ import annotations
