@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import getaddresses
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
@@ -182,11 +182,20 @@ class Checker:
     is_local_domain: Callable[[str], bool]
     random: Callable[[], float] = random.random  # for pct; tests pass a fixed one
     suffixes: PublicSuffixList | None = None  # None: Debian's list, read on first use
+    # Which domains are ours, asked once a session (a transaction on the accounts database).
+    _local: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
 
     def organizational_domain(self, domain: str) -> str:
         if self.suffixes is None:
             self.suffixes = psl.default_list()
         return self.suffixes.organizational_domain(domain)
+
+    def _is_local(self, domain: str) -> bool:
+        # The accounts database answers on this thread (its connection belongs here).
+        known = self._local.get(domain)
+        if known is None:
+            known = self._local[domain] = self.is_local_domain(domain)
+        return known
 
     async def authenticate(self, message: bytes, envelope: Envelope) -> Verdict:
         """The verdicts on ``message`` and the action; never raises."""
@@ -194,10 +203,9 @@ class Checker:
         deadline = time.monotonic() + self.policy.dns_timeout_seconds
         lookups = _Lookups(loop, self.resolver, deadline)
         from_domains = _from_domains(message)
-        # The accounts database answers on this thread (its connection belongs here).
-        local = {d for d in from_domains if self.is_local_domain(d)}
+        local = {d for d in from_domains if self._is_local(d)}
         mail_domain = _domain_of(envelope.mail_from)
-        if mail_domain and self.is_local_domain(mail_domain):
+        if mail_domain and self._is_local(mail_domain):
             local.add(mail_domain)
         try:
             spf, dkim, dmarc = await self._evaluated(message, envelope, from_domains, lookups)

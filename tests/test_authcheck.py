@@ -507,6 +507,24 @@ def test_a_question_not_answered_yet_sends_the_check_to_the_executor() -> None:
     assert failed == run_check(zone, message(), ip="192.0.2.2", mail_from="b@a.test")
 
 
+def test_a_session_asks_the_accounts_once_per_domain() -> None:
+    asked: list[str] = []
+
+    def local(domain: str) -> bool:
+        asked.append(domain)
+        return domain == "a.test"
+
+    async def check() -> list[Verdict]:
+        with ThreadPoolExecutor(1) as executor:
+            checker = Checker(FakeDns(SPF_A), POLICY, executor, local, lambda: 0.5)
+            envelope = Envelope("192.0.2.2", "mx.a.test", "b@a.test")  # SPF fails: a forgery
+            return [await checker.authenticate(message(), envelope) for _ in range(3)]
+
+    verdicts = asyncio.run(check())
+    assert [v.action for v in verdicts] == [Action.REJECT] * 3  # ours, not passing: forged
+    assert asked == ["a.test"]
+
+
 def test_checks_import_lazily(tmp_path: Path) -> None:
     import subprocess
     import sys
