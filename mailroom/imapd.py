@@ -219,5 +219,5 @@ def main() -> int:
     return run(
         "mailroom-imapd",
         _serve,
-        workers=lambda s: (s.imap.workers or os.cpu_count() or 1, s.imap.max_connections),
+        workers=lambda s: s.imap,
     )

@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mailroom.accounts import Accounts
 from mailroom.activation import inherited_sockets, share_counts
@@ -35,12 +35,22 @@ Sockets = dict[str, list[socket.socket]]
 Serve = Callable[[Settings, Accounts, Sockets], Coroutine[Any, Any, None]]
 
 
+class WorkerSection(Protocol):
+    """A settings section of a service that may run several processes (``[smtp]``, ...)."""
+
+    @property
+    def workers(self) -> int: ...  # 0: one per CPU
+    @property
+    def max_connections(self) -> int: ...
+
+
 def run(
-    program: str, serve: Serve, workers: Callable[[Settings], tuple[int, int]] | None = None
+    program: str, serve: Serve, workers: Callable[[Settings], WorkerSection] | None = None
 ) -> int:
     """Run ``serve`` as ``program``; returns the exit status.
 
-    ``workers(settings)`` gives (how many processes, the service's connection limit).
+    ``workers(settings)`` gives the section saying how many processes serve the sockets and
+    the connection limit they share.
     """
     settings = start(program)
     if settings is None:
@@ -49,10 +59,13 @@ def run(
         sockets = inherited_sockets()
     except MailroomError as err:
         return failed(program, err)
-    count, capacity = workers(settings) if workers is not None else (1, 0)
+    if workers is None:
+        return _serve(program, serve, settings, sockets)
+    section = workers(settings)
+    count = section.workers or os.cpu_count() or 1
     if count <= 1:
         return _serve(program, serve, settings, sockets)
-    counts = SharedCounts(capacity)
+    counts = SharedCounts(section.max_connections)
     share_counts(counts)
     log.info("starting %d worker processes", count)
     return run_workers(count, lambda: _serve(program, serve, settings, sockets), counts)

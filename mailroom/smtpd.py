@@ -22,7 +22,6 @@ import collections
 import ipaddress
 import itertools
 import logging
-import os
 import re
 import secrets
 import ssl
@@ -661,8 +660,4 @@ async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> No
 
 def main() -> int:
     """Entry point of ``mailroom-smtpd``."""
-    return run(
-        "mailroom-smtpd",
-        _serve,
-        workers=lambda s: (s.smtp.workers or os.cpu_count() or 1, s.smtp.max_connections),
-    )
+    return run("mailroom-smtpd", _serve, workers=lambda s: s.smtp)

@@ -456,10 +456,7 @@ def main() -> int:
     return run(
         "mailroom-submission",
         _serve,
-        workers=lambda s: (
-            s.submission.workers or os.cpu_count() or 1,
-            s.submission.max_connections,
-        ),
+        workers=lambda s: s.submission,
     )
 
 
