@@ -61,6 +61,13 @@ _READ_LIMIT = 64 * 1024
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[\x21-\x7e]{1,250}>)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HTTP = re.compile(rb"^[A-Z]{3,7} \S+ HTTP/\d")  # a request line, as IMAP and POP3 check
+# A MAIL/RCPT path as nearly every client sends it: <dot-atom@host.name> and parameters after
+# optional blanks (not a comment). Anything else goes to aiosmtpd's full RFC 5322 parser.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*)>[ \t]*(?![ \t(])(.*)", re.DOTALL
+)
 
 
 _ID_PREFIX = secrets.token_hex(3).upper()
@@ -131,6 +138,24 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
 
     def _create_envelope(self) -> InboundEnvelope:
         return InboundEnvelope()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's path parser, with a fast path for the plain ``<local@domain>`` form.
+
+        aiosmtpd's builds a class and runs email's RFC 5322 parser on every MAIL and RCPT
+        (~40 us, 7 % of port 25's CPU a message); the fast path gives the same answer. A path
+        that makes email's parser raise is bad syntax, not a local error.
+        """
+        simple = _SIMPLE_PATH.fullmatch(arg)
+        if simple is None:
+            try:
+                return super()._getaddr(arg)  # type: ignore[no-any-return]
+            except Exception:  # email's parser trips on some (e.g. '"', '<@'): a syntax error
+                return None, None
+        local, domain, rest = simple.groups()
+        if self.local_part_limit and len(local) > self.local_part_limit:
+            return None, None
+        return f"{local}@{domain}", rest
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
