@@ -17,7 +17,8 @@ message into it. What it promises:
   no ``:2,`` info.
 * **Durability.** ``deliver``/``deliver_all`` return only after the message is on stable
   storage: written to ``tmp/`` with ``O_EXCL``, fsynced, hard-linked into ``new/`` (never over
-  an existing name), and ``new/`` fsynced (qmail maildir(5); OpenSMTPD ``mail.maildir``). A
+  an existing name), and ``new/`` fsynced (qmail maildir(5); OpenSMTPD ``mail.maildir``);
+  deliveries into one ``new/`` at the same time share its fsyncs (``fsync_dir_shared``). A
   reader never sees a partial file in ``new/``. Any ``OSError`` becomes
   ``DeliveryError(permanent=False)`` naming the step that failed, and this call's ``tmp/``
   files are removed. A crash or error after a link may leave a copy that the retry duplicates;
@@ -37,6 +38,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -128,6 +130,68 @@ def fsync_dir(path: Path, fsync: FsyncFunc = os.fsync) -> None:
         fsync(fd)
     finally:
         os.close(fd)
+
+
+class _SharedSync:
+    """The fsyncs of one directory, shared by the deliveries that need one at the same time.
+
+    A delivery that has linked its file needs an fsync of the directory that *starts* after
+    its link. While one runs, the deliveries that arrive wait for it to end and then share the
+    next one (group commit): concurrent deliveries into one ``new/`` cost about two directory
+    fsyncs, not one each. A failed fsync fails every delivery it or a later one was to cover.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._started = 0  # how many have started: the number of the running one
+        self._finished = 0  # the number of the last one that finished
+        self._running = False
+        self._failed = 0  # the number of the last one that failed, and why
+        self._error: tuple[int, str] = (0, "")
+
+    def sync(self, directory: Path, fsync: FsyncFunc) -> None:
+        """Return once an fsync of ``directory`` that started after this call has succeeded."""
+        with self._changed:
+            needed = self._started + 1
+            while self._finished < needed:
+                if not self._running:
+                    self._running = True
+                    self._started += 1
+                    number = self._started
+                    break
+                self._changed.wait()
+            else:
+                if self._failed >= needed:
+                    raise OSError(*self._error, str(directory))
+                return
+        error: tuple[int, str] | None = (errno.EINTR, "interrupted")
+        try:
+            fsync_dir(directory, fsync)
+            error = None
+        except OSError as exc:
+            error = (exc.errno or errno.EIO, exc.strerror or str(exc))
+            raise
+        finally:
+            with self._changed:
+                self._running = False
+                self._finished = number
+                if error is not None:
+                    self._failed, self._error = number, error
+                self._changed.notify_all()
+
+
+_shared_syncs: dict[str, _SharedSync] = {}
+_shared_syncs_lock = threading.Lock()
+os.register_at_fork(after_in_child=_shared_syncs.clear)  # a child's locks start free
+
+
+def fsync_dir_shared(path: Path, fsync: FsyncFunc = os.fsync) -> None:
+    """``fsync_dir`` for a directory that many threads of this process write to at once."""
+    shared = _shared_syncs.get(str(path))
+    if shared is None:
+        with _shared_syncs_lock:
+            shared = _shared_syncs.setdefault(str(path), _SharedSync())
+    shared.sync(path, fsync)
 
 
 def write_file(
@@ -376,7 +440,8 @@ def deliver_all(
 
     Each target gets its own file (no inode shared between mailboxes). All files are written
     and fsynced before the first link, so an error while writing leaves no copy anywhere; then
-    each is linked into ``new/`` and each distinct ``new/`` directory is fsynced once. On error
+    each is linked into ``new/`` and each distinct ``new/`` directory is fsynced once (that
+    fsync shared with other threads delivering there at the same time). On error
     the ``tmp/`` files of this call are removed and ``DeliveryError(permanent=False)`` raised;
     copies already linked are removed again, so that the error means what it says (nothing
     stored) and a retry leaves no second copy (a crash in between may: duplicated, never
@@ -406,7 +471,7 @@ def deliver_all(
             to_sync.setdefault(folder_dir / "new", maildir)
         for directory, maildir in to_sync.items():
             try:
-                fsync_dir(directory, maildir.fsync)
+                fsync_dir_shared(directory, maildir.fsync)
             except OSError as exc:
                 _take_back(delivered)
                 raise _failed(maildir.root, f"fsync of {directory}", exc) from exc

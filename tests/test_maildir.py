@@ -451,6 +451,64 @@ def test_a_failing_directory_fsync_is_a_temporary_error(tmp_path: Path) -> None:
     assert listing(box.root / "new") == []
 
 
+def _deliver_at_once(box: Maildir, count: int) -> list[tuple[Path | Exception, float]]:
+    """``count`` threads deliver one message each, all at once: (path or error, time done)."""
+    barrier = threading.Barrier(count)
+
+    def deliver(i: int) -> tuple[Path | Exception, float]:
+        barrier.wait()
+        try:
+            path: Path | Exception = box.deliver(numbered(i))
+        except DeliveryError as err:
+            path = err
+        return path, time.monotonic()
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(deliver, range(count)))
+
+
+def test_concurrent_deliveries_share_fsyncs_of_new_each_started_after_their_link(
+    tmp_path: Path,
+) -> None:
+    syncs: list[tuple[set[str], float]] = []  # what new/ held when each began, when it ended
+
+    def fsync(fd: int) -> None:
+        if is_dir_fd(fd):
+            listed = set(os.listdir(f"/proc/self/fd/{fd}"))
+            time.sleep(0.03)  # a slow disk: deliveries pile up behind a running fsync
+            os.fsync(fd)
+            syncs.append((listed, time.monotonic()))
+        else:
+            os.fsync(fd)
+
+    box = Maildir(tmp_path / "box", HOST, fsync=fsync)
+    box.create()
+    results = _deliver_at_once(box, 16)
+    for path, done in results:
+        assert isinstance(path, Path)
+        # Durable: an fsync of new/ that began after the link ended before the delivery did.
+        assert any(path.name in listed and ended <= done for listed, ended in syncs), path
+    assert len(syncs) <= 6  # shared: 16 deliveries, not 16 fsyncs of new/
+    assert_delivered(box.root, 16)
+
+
+def test_a_failing_shared_fsync_of_new_fails_every_delivery_waiting_for_it(
+    tmp_path: Path,
+) -> None:
+    def fsync(fd: int) -> None:
+        if is_dir_fd(fd):
+            time.sleep(0.03)
+            raise OSError(errno.EIO, "I/O error")
+        os.fsync(fd)
+
+    Maildir(tmp_path / "box", HOST).create()
+    box = Maildir(tmp_path / "box", HOST, fsync=fsync)
+    for error, _ in _deliver_at_once(box, 8):
+        assert isinstance(error, DeliveryError) and not error.permanent
+        assert "fsync of" in str(error) and "EIO" in str(error)
+    assert listing(box.root / "new") == [] and listing(box.root / "tmp") == []
+
+
 def test_a_failing_link_takes_back_the_copies_already_linked(tmp_path: Path) -> None:
     boxes = [Maildir(tmp_path / name, HOST) for name in ("a", "b")]
     for box in boxes:

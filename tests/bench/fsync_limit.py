@@ -1,22 +1,25 @@
 """The physical limit of durable delivery on a disk: messages per second, no SMTP.
 
-``bench_fsync_limit`` runs ``count`` deliveries of ``size``-byte messages through the very
-code path the SMTP server uses (``mailroom.maildir.deliver_all``: write to tmp/, fsync, link
-into new/, fsync new/), so ``bin/bench smtp-inbound`` can report its throughput as a fraction
-of this ceiling. Run directly: ``python tests/bench/fsync_limit.py [DIR] --count N --size B``.
+``bench_fsync_limit`` makes ``count`` ``size``-byte files durable in a Maildir the way
+maildir(5) describes, each on its own: write to tmp/, fsync, link into new/, unlink the tmp/
+name, fsync new/. That is written out here rather than taken from ``mailroom.maildir``, so
+the ceiling stays the disk's and does not move when mailroom's delivery gets smarter (it
+shares one fsync of new/ between concurrent deliveries). ``bin/bench smtp-inbound`` reports
+its throughput as a fraction of this. Run directly:
+``python tests/bench/fsync_limit.py [DIR] --count N --size B``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import socket
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-from mailroom.maildir import Maildir
 
 
 def make_message(size: int) -> bytes:
@@ -32,22 +35,42 @@ def make_message(size: int) -> bytes:
 
 
 def bench_fsync_limit(directory: Path, count: int, size: int, *, workers: int = 1) -> float:
-    """Deliver ``count`` messages of ``size`` bytes into a Maildir at ``directory``; msgs/s.
+    """Make ``count`` files of ``size`` bytes durable in a Maildir at ``directory``; files/s.
 
     ``workers`` > 1 delivers from that many threads at once, as the SMTP server does for
-    concurrent sessions (file systems commit concurrent fsyncs together). The messages stay
-    in ``directory/new/``; the caller owns ``directory``.
+    concurrent sessions (file systems commit concurrent fsyncs together). The files stay in
+    ``directory/new/``; the caller owns ``directory``.
     """
-    maildir = Maildir(directory, socket.gethostname())
-    maildir.create()
-    message = make_message(size)
+    for sub in ("cur", "new", "tmp"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    message = make_message(size).replace(b"\r\n", b"\n")  # stored as mailroom stores it
+    suffix = f".{socket.gethostname()},S={len(message)},W={size}"
+    names = itertools.count()
+
+    def deliver(_: object) -> None:
+        name = f"{time.time():.6f}.P{os.getpid()}N{next(names)}{suffix}"
+        tmp, new = directory / "tmp" / name, directory / "new" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, message)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, new)
+        os.unlink(tmp)
+        fd = os.open(directory / "new", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     start = time.perf_counter()
     if workers <= 1:
-        for _ in range(count):
-            maildir.deliver(message)
+        for i in range(count):
+            deliver(i)
     else:
         with ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(lambda _: maildir.deliver(message), range(count)):
+            for _ in pool.map(deliver, range(count)):
                 pass
     return count / (time.perf_counter() - start)
 

@@ -5,8 +5,8 @@ sends means the message is fsync'd in the Maildir, so the time until the last ``
 the time until all are durable. The anchor is what users would otherwise run: a private
 Postfix handing each message by LMTP to a private Dovecot that stores it in a Maildir, timed
 from the first connection until the last message is in the Maildir. The same count and size
-also go through the bare delivery code path (``fsync_limit``) with as many threads: the
-disk's limit.
+are also made durable the plain maildir(5) way, each file and each fsync of new/ on its own,
+from as many threads (``fsync_limit``): the disk's limit.
 
 Every message is authenticated as on a real MX (SPF, DKIM, DMARC): a knotd on loopback
 serves the sender domain's SPF (127.0.0.1 allowed) and DMARC (p=reject) records: every
