@@ -346,6 +346,21 @@ class Accounts:
             self._expand(db, addr, found, set(), 0)
         return list(found.values())
 
+    def recipient(self, domain: str, address: Address | None) -> tuple[bool, list[User]]:
+        """For RCPT, in one transaction: whether ``domain`` is ours and, if it is, what
+        ``resolve(address)`` gives (nothing for an address that cannot be a local user: None)."""
+        try:
+            name = normalise_domain(domain)
+        except InvalidNameError:
+            return False, []
+        with self._read() as db:
+            if not _domain_exists(db, name):
+                return False, []
+            found: dict[str, User] = {}
+            if address is not None:
+                self._expand(db, _address(address), found, set(), 0)
+        return True, list(found.values())
+
     # Failed-login records (the storage of mailroom.throttle.AuthThrottle).
 
     def get_failures(self, peer: str) -> tuple[int, float] | None:

@@ -184,6 +184,8 @@ class Checker:
     suffixes: PublicSuffixList | None = None  # None: Debian's list, read on first use
     # Which domains are ours, asked once a session (a transaction on the accounts database).
     _local: dict[str, bool] = field(default_factory=dict, init=False, repr=False)
+    # SPF verdicts by origin: the session's DNS answers do not change, so neither do they.
+    _spf: dict[Envelope, SpfVerdict] = field(default_factory=dict, init=False, repr=False)
 
     def organizational_domain(self, domain: str) -> str:
         if self.suffixes is None:
@@ -223,19 +225,32 @@ class Checker:
         """The three verdicts: right here when every DNS answer they need is in the session's
         cache and there is no DKIM signature to verify (a few hundred microseconds of CPU:
         cheaper than the hops to a worker thread and back), else on the executor."""
+        spf = self._spf.get(envelope)
+        verdicts = None
         if not _signed(message):
             known = _KnownAnswers(self.resolver)
-            verdicts = self._evaluate(message, envelope, from_domains, known)
-            if not known.missed:
-                return verdicts
-        return await lookups.loop.run_in_executor(
-            self.executor, self._evaluate, message, envelope, from_domains, lookups
-        )
+            verdicts = self._evaluate(message, envelope, from_domains, known, spf)
+            if known.missed:
+                verdicts = None
+        if verdicts is None:
+            verdicts = await lookups.loop.run_in_executor(
+                self.executor, self._evaluate, message, envelope, from_domains, lookups, spf
+            )
+        if verdicts[0].result != Result.TEMPERROR:
+            self._spf[envelope] = verdicts[0]
+        return verdicts
 
     def _evaluate(
-        self, message: bytes, envelope: Envelope, from_domains: list[str], lookups: Answers
+        self,
+        message: bytes,
+        envelope: Envelope,
+        from_domains: list[str],
+        lookups: Answers,
+        spf: SpfVerdict | None = None,
     ) -> tuple[SpfVerdict, tuple[DkimVerdict, ...], DmarcVerdict]:
-        spf = check_spf(envelope, lookups)
+        """The verdicts; ``spf`` if this origin's is known already."""
+        if spf is None:
+            spf = check_spf(envelope, lookups)
         dkim = check_dkim(message, lookups)
         dmarc = self.check_dmarc(from_domains, spf, dkim, lookups)
         return spf, dkim, dmarc

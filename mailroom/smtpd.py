@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ipaddress
 import itertools
 import logging
 import re
 import secrets
 import ssl
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -373,14 +375,13 @@ class InboundHandler:
             domain = normalise_domain(domain)
         except InvalidNameError:
             return replies.RELAY_DENIED, []
-        if not self.accounts.is_local_domain(domain):
-            return replies.RELAY_DENIED, []
         try:
-            rcpt = parse_address(f"{localpart}@{domain}")
+            rcpt: Address | None = parse_address(f"{localpart}@{domain}")
         except InvalidNameError:
-            # Quoted local parts, "%" and "!" forms land here: no such local user.
-            return replies.NO_SUCH_USER, []
-        users = self.accounts.resolve(rcpt)
+            rcpt = None  # quoted local parts, "%" and "!" forms: no such local user
+        local, users = self.accounts.recipient(domain, rcpt)
+        if not local:
+            return replies.RELAY_DENIED, []
         enabled = [u for u in users if u.enabled]
         if not users:
             return replies.NO_SUCH_USER, []
@@ -513,7 +514,7 @@ class InboundHandler:
         recipients = (
             "" if len(envelope.rcpt_tos) != 1 else f"\r\n\tfor <{_printable(envelope.rcpt_tos[0])}>"
         )
-        date = format_datetime(datetime.now(UTC).astimezone())
+        date = _date_at(int(time.time()))
         sender = "" if envelope.mail_from == "<>" else _printable(envelope.mail_from or "")
         return (
             f"Return-Path: <{sender}>\r\n"
@@ -534,6 +535,12 @@ class InboundHandler:
             )
             self._maildirs[user.address] = maildir
         return maildir
+
+
+@functools.lru_cache(maxsize=1)
+def _date_at(second: int) -> str:
+    """The RFC 5322 date of ``second`` in local time (made once a second, not per message)."""
+    return format_datetime(datetime.fromtimestamp(second, UTC).astimezone())
 
 
 def _import_checks() -> None:

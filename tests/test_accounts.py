@@ -472,6 +472,16 @@ def test_resolve_includes_disabled_users(team: Accounts) -> None:
     ]
 
 
+def test_recipient_is_the_domain_check_and_resolve_in_one(team: Accounts) -> None:
+    team.add_alias("team@example.org", ["alice@example.org", "carol@example.org"])
+    for address in ("alice@example.org", "team@example.org", "nobody@example.org"):
+        addr = parse_address(address)
+        assert team.recipient("EXAMPLE.org", addr) == (True, team.resolve(addr))
+    assert team.recipient("example.org", None) == (True, [])  # ours, but no such local part
+    assert team.recipient("example.net", parse_address("alice@example.net")) == (False, [])
+    assert team.recipient("bad..name", None) == (False, [])
+
+
 def test_plus_addressing(team: Accounts) -> None:
     team.add_alias("team@example.org", ["alice@example.org", "bob@example.org"])
     assert resolve(team, "alice+lists@example.org") == ["alice@example.org"]

@@ -28,6 +28,7 @@ from mailroom.authcheck import (
     SpfVerdict,
     Verdict,
     authserv_id_of,
+    check_spf,
     decide,
     parse_dmarc,
     strip_authentication_results,
@@ -523,6 +524,39 @@ def test_a_session_asks_the_accounts_once_per_domain() -> None:
     verdicts = asyncio.run(check())
     assert [v.action for v in verdicts] == [Action.REJECT] * 3  # ours, not passing: forged
     assert asked == ["a.test"]
+
+
+def test_a_session_evaluates_spf_once_per_origin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailroom import authcheck
+
+    evaluated: list[Envelope] = []
+
+    def counted(envelope: Envelope, lookups: Any) -> SpfVerdict:
+        evaluated.append(envelope)
+        return check_spf(envelope, lookups)
+
+    monkeypatch.setattr(authcheck, "check_spf", counted)
+    zone = {**SPF_A, ("_dmarc.a.test", "TXT"): [txt("v=DMARC1; p=reject")]}
+    origins = [("192.0.2.1", "b@a.test")] * 3 + [
+        ("192.0.2.2", "b@a.test"),
+        ("192.0.2.1", "c@a.test"),
+    ]
+
+    async def check() -> list[tuple[Verdict, int]]:
+        with ThreadPoolExecutor(1) as executor:
+            checker = Checker(RememberingDns(zone), POLICY, executor, lambda d: False)
+            results = []
+            for ip, sender in origins:
+                envelope = Envelope(ip, "mx.a.test", sender)
+                results.append((await checker.authenticate(message(), envelope), len(evaluated)))
+            return results
+
+    verdicts, counts = zip(*asyncio.run(check()), strict=True)
+    assert [v.spf.result for v in verdicts] == ["pass"] * 3 + ["fail", "pass"]
+    assert verdicts[1] == verdicts[2] == verdicts[0]
+    # The same origin again: no new evaluation. A new sender or client: evaluated.
+    assert counts[0] == counts[1] == counts[2] < counts[3] < counts[4]
+    assert {(e.client_ip, e.mail_from) for e in evaluated} == set(origins)
 
 
 def test_checks_import_lazily(tmp_path: Path) -> None:
