@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 import ssl
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -418,3 +420,35 @@ def test_path_fast_path_parses_as_aiosmtpd() -> None:
         for case in cases:
             assert parsed(ours, case) == parsed(theirs, case), case
     assert sum(bool(_SIMPLE_PATH.fullmatch(case)) for case in cases) > 1000  # both paths ran
+
+
+def _data_segments_received(sock: socket.socket) -> int:
+    """Linux TCP_INFO tcpi_data_segs_in: how many segments with data this socket has received."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("I", info, 152)[0])
+
+
+def test_pipelined_replies_go_out_together_and_none_waits(smtpd: Server) -> None:
+    """RFC 2920: replies to pipelined MAIL/RCPT are held while the next command is already
+    there, and sent the moment the server would wait for the client."""
+    with SMTPConversation(smtpd.port) as conv:
+        conv.hello()
+        assert isinstance(conv.sock, socket.socket)
+        before = _data_segments_received(conv.sock)
+        conv.send(
+            b"MAIL FROM:<sender@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n"
+            b"RCPT TO:<nobody@example.test>\r\nRSET\r\nMAIL FROM:<sender@elsewhere.test>\r\n"
+            b"RCPT TO:<alice@example.test>\r\nDATA\r\n"
+        )
+        codes = [conv.last()[:3] for _ in range(7)]
+        assert codes == ["250", "250", "550", "250", "250", "250", "354"]
+        time.sleep(0.2)  # anything sent on its own would be in by now
+        assert _data_segments_received(conv.sock) - before == 1
+        conv.send(MESSAGE + b".\r\n")
+        assert conv.last().startswith("250 ")
+        # Nothing more to read: the held reply goes out at once (a client waiting on it
+        # must not wait for ever), also when part of the next command is already in.
+        conv.send(b"MAIL FROM:<sender@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nNO")
+        assert [conv.last()[:3] for _ in range(2)] == ["250", "250"]
+        conv.send(b"OP\r\n")
+        assert conv.last().startswith("250 ")
