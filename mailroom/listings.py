@@ -15,11 +15,13 @@ or replaced (another inode at the path) makes the directory listed again. Withou
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from mailroom.inotify import (
     IN_CREATE,
@@ -36,6 +38,7 @@ from mailroom.inotify import (
 
 log = logging.getLogger(__name__)
 
+JOURNAL_LENGTH = 1024  # changes remembered per directory, for Listings.changes
 _MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF
 
 
@@ -53,6 +56,17 @@ class _Dir:
     generation: int = 0  # grows with every change to ``names``
     frozen: tuple[int, frozenset[str]] | None = None  # ``names`` of one generation
     broken: bool = False  # the watch no longer tells the truth: list again
+    # The latest changes, (generation, name) oldest first; every change after generation
+    # ``journal_floor`` is in it.
+    journal: collections.deque[tuple[int, str]] = field(default_factory=collections.deque)
+    journal_floor: int = 0
+
+    def changed(self, name: str) -> None:
+        """Count a change to ``names`` (``name`` added or removed) and remember it."""
+        self.generation += 1
+        self.journal.append((self.generation, name))
+        if len(self.journal) > JOURNAL_LENGTH:
+            self.journal_floor = self.journal.popleft()[0]
 
 
 def _listdir(path: str) -> list[str]:
@@ -171,6 +185,33 @@ class Listings:
                 entry.frozen = (entry.generation, frozenset(entry.names))
             return (entry.serial, entry.generation), entry.frozen[1]
 
+    def changes(
+        self, path: str, token: tuple[int, int], names: Iterable[str] = ()
+    ) -> tuple[tuple[int, int], dict[str, bool]] | None:
+        """What ``names(path)`` would tell about the names that matter, without a copy of all
+        of them: (the token now, whether each name added or removed since ``token`` and each of
+        ``names`` is there now); None when that cannot be told (the directory is not watched
+        as it was at ``token``, or ``token`` is older than the changes remembered)."""
+        with self._lock:
+            entry = self._dirs.get(path) if self._pid == os.getpid() else None
+            if entry is None or entry.serial != token[0]:
+                return None
+            self._drain()
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return None
+            if entry.broken or (st.st_dev, st.st_ino) != entry.ident:
+                return None
+            if token[1] < entry.journal_floor or token[1] > entry.generation:
+                return None
+            since: set[str] = set(names)
+            for generation, name in reversed(entry.journal):
+                if generation <= token[1]:
+                    break
+                since.add(name)
+            return (entry.serial, entry.generation), {n: n in entry.names for n in since}
+
     def _drain(self) -> None:
         """Apply every queued event (call with the lock held)."""
         if self._inotify is None:
@@ -192,10 +233,10 @@ class Listings:
             if event.mask & (IN_CREATE | IN_MOVED_TO):
                 if name not in entry.names:
                     entry.names.add(name)
-                    entry.generation += 1
+                    entry.changed(name)
             elif event.mask & (IN_DELETE | IN_MOVED_FROM) and name in entry.names:
                 entry.names.discard(name)
-                entry.generation += 1
+                entry.changed(name)
 
 
 LISTINGS = Listings()  # the one of this process

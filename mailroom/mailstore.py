@@ -127,6 +127,7 @@ MAX_KEYWORD_LENGTH = 100
 DIR_MTIME_SLACK_NS = 1_000_000_000  # see MailStore.sync: mtimes are trusted this long after
 BULK_RENAMES = 256  # new/ -> cur/ moves above which the listings are read afresh after
 MAX_TOMBSTONES = 10_000  # per mailbox; older expunges are then reported as "anything missing"
+CHANGE_LOG_LENGTH = 1024  # changes a snapshot remembers (Snapshot.changed_since)
 
 # Dovecot's maildir flag letters (maildir-util.c); "P" (passed) has no IMAP flag and is kept.
 SYSTEM_FLAGS = {
@@ -218,10 +219,42 @@ class Snapshot:
     highestmodseq: int
     messages: tuple[MessageInfo, ...]
     uids: tuple[int, ...] = ()  # of ``messages``, in order; made from them if not given
+    # The latest changes, oldest first: (MODSEQ, UID) of every message here whose MODSEQ is
+    # above ``log_floor`` (None: the HIGHESTMODSEQ, an empty log), so that ``changed_since``
+    # need not look at every message.
+    log: tuple[tuple[int, int], ...] = field(default=(), compare=False)
+    log_floor: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.uids) != len(self.messages):
             object.__setattr__(self, "uids", tuple(m.uid for m in self.messages))
+
+    def changed_since(self, modseq: int) -> list[MessageInfo]:
+        """The messages whose MODSEQ is above ``modseq``, in UID order: every flag change and
+        arrival since a snapshot whose HIGHESTMODSEQ was ``modseq`` (RFC 7162 3.1.1)."""
+        floor = self.highestmodseq if self.log_floor is None else self.log_floor
+        if modseq < floor:
+            return [m for m in self.messages if m.modseq > modseq]
+        start = bisect.bisect_left(self.log, (modseq + 1,))
+        found = []
+        for uid in sorted({uid for _, uid in self.log[start:]}):
+            i = bisect.bisect_left(self.uids, uid)
+            if i < len(self.uids) and self.uids[i] == uid and self.messages[i].modseq > modseq:
+                found.append(self.messages[i])
+        return found
+
+
+def _carried_log(
+    old: Snapshot, changed: Iterable[MessageInfo]
+) -> tuple[tuple[tuple[int, int], ...], int]:
+    """``old``'s change log and floor with ``changed`` (each above its HIGHESTMODSEQ) added,
+    for the snapshot after them: the last ``CHANGE_LOG_LENGTH`` changes."""
+    log = old.log + tuple(sorted((m.modseq, m.uid) for m in changed))
+    floor = old.highestmodseq if old.log_floor is None else old.log_floor
+    if len(log) > CHANGE_LOG_LENGTH:
+        floor = log[-CHANGE_LOG_LENGTH - 1][0]
+        log = log[-CHANGE_LOG_LENGTH:]
+    return log, floor
 
 
 # -- mailbox names ---------------------------------------------------------------------------
@@ -927,6 +960,10 @@ class _Cached:
     # and when that listing began (time.time_ns()); None until a listing confirmed it.
     dirs: tuple[int, int] | None = None
     listed_at: int = 0
+    # (a Listings token of cur/ when it held the filenames of an earlier state, the names
+    # added to or removed from ``filenames`` since): enough to tell whether cur/ holds
+    # ``filenames`` now from the changes alone (``MailStore._holds_names``). None: list.
+    since: tuple[tuple[int, int], frozenset[str]] | None = None
 
 
 @dataclass
@@ -1029,6 +1066,16 @@ class _Fresh:
         return Snapshot(
             box.name, box.uidvalidity, uidnext, highest, messages, tuple(m.uid for m in messages)
         )
+
+
+def _since_after(
+    base: _Cached, touched: Collection[str]
+) -> tuple[tuple[int, int], frozenset[str]] | None:
+    """``base.since`` for a state with the names ``touched`` added or removed (None when
+    there are too many to look at one by one)."""
+    if base.since is None or len(base.since[1]) + len(touched) > CHANGE_LOG_LENGTH:
+        return None
+    return base.since[0], base.since[1].union(touched)
 
 
 def _replace(cached: _Cached, **changes: object) -> _Cached:
@@ -1512,29 +1559,35 @@ class MailStore:
                 self._listings.hold(directory)
                 self._held.add(directory)
         _, new = self._listings.names(str(folder.new))
-        token, cur = self._listings.names(str(folder.cur))
-        if (
-            valid
-            and cached is not None
-            and not new
-            and ((token is not None and token == cached.cur_token) or cur == cached.filenames)
-        ):
-            self._cache[folder.name] = _replace(
-                cached, dirs=dirs, listed_at=listed_at, cur_token=token
-            )
-            return cached.snapshot, None
+        cur_dir = str(folder.cur)
+        listing: tuple[tuple[int, int] | None, frozenset[str]] | None = None
+
+        def listed_as(state: _Cached) -> tuple[tuple[int, int] | None, bool]:
+            """(cur/'s token now, whether it holds ``state.filenames``): from the changes
+            since ``state.since`` where they tell, else from one listing."""
+            nonlocal listing
+            told = self._holds_names(cur_dir, state)
+            if told is not None:
+                return told
+            if listing is None:
+                listing = self._listings.names(cur_dir)
+            return listing[0], listing[1] == state.filenames
+
+        if valid and cached is not None and not new:
+            token, same = listed_as(cached)
+            if same:
+                self._confirm(folder.name, cached, token, dirs, listed_at)
+                return cached.snapshot, None
         if not new:  # perhaps only the index changed (another process synced first)
             loaded = self._load(folder.name, incremental=True)
-            same = loaded is not None and cur == loaded.filenames
+            token, same = listed_as(loaded) if loaded is not None else (None, False)
             if loaded is not None and not same:
                 # A row whose file was renamed without a flag change keeps its MODSEQ, so
                 # only a full load can tell.
                 loaded = self._load(folder.name)
-                same = loaded is not None and cur == loaded.filenames
+                token, same = listed_as(loaded) if loaded is not None else (None, False)
             if loaded is not None and same:
-                self._cache[folder.name] = _replace(
-                    loaded, dirs=dirs, listed_at=listed_at, cur_token=token
-                )
+                self._confirm(folder.name, loaded, token, dirs, listed_at)
                 return loaded.snapshot, None
         claimed: set[int] | None = set() if claim else None
         with self._index.write() as db:
@@ -1546,9 +1599,44 @@ class MailStore:
             raise StoreError(f"mailbox {folder.name} vanished from the index")
         token, cur = self._listings.names(str(folder.cur))
         if token is not None and cur == loaded.filenames:  # the listing after our own renames
-            loaded = _replace(loaded, cur_token=token)
-        self._cache[folder.name] = loaded
+            self._confirm(folder.name, loaded, token)
+        else:
+            self._cache[folder.name] = loaded
         return loaded.snapshot, None if claimed is None else frozenset(claimed)
+
+    def _confirm(
+        self,
+        name: str,
+        state: _Cached,
+        token: tuple[int, int] | None,
+        dirs: tuple[int, int] | None = None,
+        listed_at: int = 0,
+    ) -> None:
+        """Cache ``state`` as what a listing of cur/ at ``token`` matched (``dirs`` and
+        ``listed_at``: see ``_unchanged``). The base of the next incremental load learns the
+        token too, so that the load after it can be checked from the changes alone."""
+        since = None if token is None else (token, frozenset[str]())
+        self._cache[name] = _replace(
+            state, dirs=dirs, listed_at=listed_at, cur_token=token, since=since
+        )
+        if self._base.get(name) is state:
+            self._base[name] = _replace(state, since=since)
+
+    def _holds_names(self, path: str, state: _Cached) -> tuple[tuple[int, int], bool] | None:
+        """(the token now, whether cur/ at ``path`` holds ``state.filenames``), told from the
+        names changed since ``state.since`` on either side; None if they cannot tell.
+
+        At the token cur/ held the names of an earlier state; a name changed neither in cur/
+        since then nor in the index is in both or in neither, so only the others are looked at.
+        """
+        if state.since is None:
+            return None
+        token, changed = state.since
+        told = self._listings.changes(path, token, changed)
+        if told is None:
+            return None
+        now, there = told
+        return now, all((name in state.filenames) == present for name, present in there.items())
 
     def _load(self, name: str, *, incremental: bool = False) -> _Cached | None:
         """The mailbox as the index has it; None if unknown or an expunge is unfinished.
@@ -1652,6 +1740,7 @@ class MailStore:
                 uid, _flag_set(flags), modseq, size, datetime.fromtimestamp(date, UTC), key
             )
             updates[uid] = (info, filename)
+        log, floor = _carried_log(old, [info for info, _ in updates.values()])
         files = dict(base.files)
         if not gone and all(uid in files for uid in updates):
             # Flag changes only (the common case): replace those messages in place.
@@ -1670,34 +1759,60 @@ class MailStore:
                 box.highestmodseq,
                 tuple(changed_list),
                 old.uids,
+                log,
+                floor,
             )
             filenames = base.filenames.difference(dropped - names).union(names)
-            loaded = _Cached(self._index.inode, data_version, filenames, snapshot, files, box.id)
+            loaded = _Cached(
+                self._index.inode,
+                data_version,
+                filenames,
+                snapshot,
+                files,
+                box.id,
+                since=_since_after(base, dropped | names),
+            )
             self._base[old.name] = loaded
             return loaded
         messages: list[MessageInfo] = []
+        touched: set[str] = set()  # names that went or came
         for m in old.messages:
             if m.uid in gone:
-                files.pop(m.uid, None)
+                touched.add(files.pop(m.uid, ""))
                 continue
             update = updates.pop(m.uid, None)
             if update is None:
                 messages.append(m)
             else:
                 messages.append(update[0])
+                touched.update((files[m.uid], update[1]))
                 files[m.uid] = update[1]
         if updates:  # arrivals: UIDs above all the others, unless a rebuild gave old ones
             last_uid = messages[-1].uid if messages else 0
             for uid, (info, filename) in sorted(updates.items()):
                 messages.append(info)
+                touched.add(filename)
                 files[uid] = filename
             if sorted(updates)[0] <= last_uid:
                 messages.sort(key=lambda m: m.uid)
         snapshot = Snapshot(
-            old.name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages)
+            old.name,
+            box.uidvalidity,
+            box.uidnext,
+            box.highestmodseq,
+            tuple(messages),
+            (),
+            log,
+            floor,
         )
         loaded = _Cached(
-            self._index.inode, data_version, frozenset(files.values()), snapshot, files, box.id
+            self._index.inode,
+            data_version,
+            frozenset(files.values()),
+            snapshot,
+            files,
+            box.id,
+            since=_since_after(base, touched),
         )
         self._base[old.name] = loaded
         return loaded

@@ -6,7 +6,7 @@ import multiprocessing
 import os
 from pathlib import Path
 
-from mailroom.listings import Listings
+from mailroom.listings import JOURNAL_LENGTH, Listings
 
 
 def _listdir(path: Path) -> frozenset[str]:
@@ -108,3 +108,33 @@ def test_a_suspended_directory_queues_no_events_and_is_listed_again(tmp_path: Pa
     assert listings.names(str(other))[1] == {"x"}  # the other directory kept its event
     (cur / "m0").unlink()
     assert listings.names(str(cur))[1] == _listdir(cur)  # watched again
+
+
+def test_changes_since_a_token_name_what_moved_and_whether_it_is_there(tmp_path: Path) -> None:
+    cur = tmp_path / "cur"
+    cur.mkdir()
+    (cur / "a").write_bytes(b"")
+    listings = Listings()
+    listings.hold(str(cur))
+    token, _ = listings.names(str(cur))
+    assert token is not None
+    assert listings.changes(str(cur), token, ["a", "zz"]) == (token, {"a": True, "zz": False})
+    os.rename(cur / "a", cur / "b")
+    (cur / "c").write_bytes(b"")
+    os.unlink(cur / "c")  # there and gone again: still named
+    told = listings.changes(str(cur), token)
+    assert told is not None
+    later, there = told
+    assert there == {"a": False, "b": True, "c": False}
+    assert later == listings.names(str(cur))[0]
+    assert listings.changes(str(cur), later) == (later, {})
+    # Beyond what is remembered, from another watch, or a directory replaced: cannot tell.
+    for i in range(JOURNAL_LENGTH + 1):
+        os.rename(cur / ("b" if i % 2 == 0 else "d"), cur / ("d" if i % 2 == 0 else "b"))
+    assert listings.changes(str(cur), token) is None
+    assert listings.changes(str(cur), (token[0] + 1000, token[1])) is None
+    now, _ = listings.names(str(cur))
+    assert now is not None and listings.changes(str(cur), now) == (now, {})
+    os.rename(cur, tmp_path / "old")
+    cur.mkdir()
+    assert listings.changes(str(cur), now) is None

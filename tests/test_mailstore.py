@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from mailroom import mailstore
 from mailroom.errors import (
     InvalidFlagError,
     InvalidMailboxNameError,
@@ -30,6 +31,7 @@ from mailroom.errors import (
     SpecialUseError,
     StoreError,
 )
+from mailroom.listings import Listings
 from mailroom.maildir import Maildir
 from mailroom.mailstore import (
     INDEX_NAME,
@@ -1239,3 +1241,87 @@ def test_sync_of_10000_messages_reads_no_file_and_is_fast(maildir: Maildir) -> N
     assert unchanged_time < 0.1, unchanged_time
     print(f"10,000 messages: first sync {first_time * 1000:.0f} ms, "
           f"no-change sync {unchanged_time * 1000:.1f} ms")  # fmt: skip
+
+
+class CountingListings(Listings):
+    """The process's listings, counting the full listings of cur/ asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listed = 0
+
+    def names(self, path: str) -> tuple[tuple[int, int] | None, frozenset[str]]:
+        self.listed += path.endswith("/cur")
+        return super().names(path)
+
+
+def test_flag_changes_are_synced_from_the_changes_alone_and_exactly(maildir: Maildir) -> None:
+    """Another process's STORE: the next sync checks cur/ from the names that changed, not a
+    listing of all of them, and still sees a rename by another program at the same time."""
+    for n in range(1, 6):
+        maildir.deliver(message(n))
+    listings = CountingListings()
+    with MailStore(maildir) as one, MailStore(maildir, listings=listings) as two:
+        one.sync("INBOX")
+        two.sync("INBOX")
+        for uids in ([2], [3, 4], [2, 5]):
+            one.store("INBOX", uids, "+", ["\\Flagged"])
+            listings.listed = 0
+            snap = two.sync("INBOX")
+            assert listings.listed == 0
+            with MailStore(maildir) as fresh:
+                assert snap == fresh.sync("INBOX")
+        one.store("INBOX", [3], "+", ["\\Answered"])
+        key = snap.messages[0].key
+        (name,) = [n for n in os.listdir(maildir.root / "cur") if n.startswith(f"{key}:")]
+        os.rename(maildir.root / "cur" / name, maildir.root / "cur" / f"{name}S")  # a MUA
+        snap = two.sync("INBOX")
+        assert snap.messages[0].flags == {"\\Seen"} and "\\Answered" in snap.messages[2].flags
+        with MailStore(maildir) as fresh:
+            assert snap == fresh.sync("INBOX")
+
+
+def test_changed_since_is_the_messages_above_a_modseq(
+    maildir: Maildir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mailstore, "CHANGE_LOG_LENGTH", 4)  # also past the end of the log
+    for n in range(1, 9):
+        maildir.deliver(message(n))
+    with MailStore(maildir) as one, MailStore(maildir) as two:
+        snaps = [two.sync("INBOX")]
+        for i in range(12):
+            if i == 5:
+                maildir.deliver(message(9))  # an arrival among the flag changes
+            one.store("INBOX", [1 + i % 8, 1 + (i * 3) % 8], "-" if i % 2 else "+", ["\\Seen"])
+            snaps.append(two.sync("INBOX"))
+        for i, earlier in enumerate(snaps):
+            for later in snaps[i:]:
+                modseq = earlier.highestmodseq
+                assert later.changed_since(modseq) == [
+                    m for m in later.messages if m.modseq > modseq
+                ]
+        assert any(s.log for s in snaps)  # the log was used, not only the full look
+
+
+def test_an_index_name_not_on_disk_is_caught_without_a_listing(maildir: Maildir) -> None:
+    """The changes checked are those of cur/ and those of the index: an index that names a
+    file cur/ never got (nothing changed on disk) is not taken for the truth."""
+    for n in range(1, 4):
+        maildir.deliver(message(n))
+    with MailStore(maildir) as one, MailStore(maildir) as two:
+        one.sync("INBOX")
+        two.sync("INBOX")
+        one.store("INBOX", [1], "+", ["\\Seen"])
+        two.sync("INBOX")  # confirmed from the changes: the next check starts here
+        with sqlite3.connect(maildir.root / INDEX_NAME) as db:  # another writer, gone wrong
+            (name,) = db.execute("SELECT filename FROM messages WHERE uid = 2").fetchone()
+            db.execute(
+                "UPDATE messages SET filename = ?, flags = '\\Flagged', modseq = 100 WHERE uid = 2",
+                (f"{name.partition(':')[0]}:2,F",),
+            )
+            db.execute("UPDATE mailboxes SET highestmodseq = 100")
+        snap = two.sync("INBOX")
+        assert snap.messages[1].flags == frozenset()  # what the file on disk says
+        assert two.read("INBOX", 2).endswith(b"body 2\r\n")
+        with MailStore(maildir) as fresh:
+            assert snap == fresh.sync("INBOX")

@@ -276,6 +276,7 @@ class Snapshot(Protocol):
     def messages(self) -> Sequence[MessageInfo]: ...
     @property
     def uids(self) -> Sequence[int]: ...  # of ``messages``, in order
+    def changed_since(self, modseq: int, /) -> Sequence[MessageInfo]: ...  # in UID order
 
 
 class MailStore(Protocol):
@@ -842,7 +843,7 @@ class IMAPSession:
             return b""  # the store saw no change since the last time
         # Every flag change and every arrival gets a MODSEQ above the last snapshot's
         # HIGHESTMODSEQ (RFC 7162 3.1.1): only those messages need a look.
-        changed = [m for m in snap.messages if m.modseq > prev.highestmodseq]
+        changed = snap.changed_since(prev.highestmodseq)
         out = bytearray(self._new_keywords(box, changed))
         new: list[MessageInfo] = []
         flagged: list[MessageInfo] = []  # flags (or with CONDSTORE the MODSEQ) to report
