@@ -658,6 +658,11 @@ class _Index:
                 finally:
                     self._flock_depth = 0
 
+    def settle(self) -> None:
+        """Return once no other writer is in the middle of a write."""
+        with self._flock():
+            pass
+
     @contextlib.contextmanager
     def _flock_file(self) -> Iterator[None]:
         deadline = time.monotonic() + LOCK_TIMEOUT
@@ -951,10 +956,12 @@ class _Cached:
 
     inode: int
     data_version: int
-    filenames: frozenset[str]
     snapshot: Snapshot
     files: dict[int, str]  # uid -> name in cur/
     box_id: int = 0
+    # key -> uid of the messages in ``files``: the states of one mailbox that differ in flags
+    # alone share it (a message's key never changes, its name does).
+    by_key: dict[str, int] = field(default_factory=dict)
     cur_token: tuple[int, int] | None = None  # Listings' token of cur/ matching ``filenames``
     # (mtime_ns of new/, of cur/) stat'ed just before a listing that matched ``filenames``,
     # and when that listing began (time.time_ns()); None until a listing confirmed it.
@@ -964,6 +971,24 @@ class _Cached:
     # added to or removed from ``filenames`` since): enough to tell whether cur/ holds
     # ``filenames`` now from the changes alone (``MailStore._holds_names``). None: list.
     since: tuple[tuple[int, int], frozenset[str]] | None = None
+    names: list[frozenset[str]] = field(default_factory=list, repr=False)  # see filenames
+
+    @property
+    def filenames(self) -> frozenset[str]:
+        """The names of ``files`` (made on first use: a sync after a flag change needs none)."""
+        if not self.names:
+            self.names.append(frozenset(self.files.values()))
+        return self.names[0]
+
+    def has_file(self, name: str) -> bool:
+        """``name in filenames``, without making it."""
+        uid = self.by_key.get(_split_name(name)[0])
+        return uid is not None and self.files.get(uid) == name
+
+
+def _keyed(snapshot: Snapshot) -> dict[str, int]:
+    """``_Cached.by_key`` of a snapshot."""
+    return {m.key: m.uid for m in snapshot.messages}
 
 
 @dataclass
@@ -1582,6 +1607,13 @@ class MailStore:
             loaded = self._load(folder.name, incremental=True)
             token, same = listed_as(loaded) if loaded is not None else (None, False)
             if loaded is not None and not same:
+                # Another process may have renamed files and not yet committed the index (a
+                # STORE): once it has, they agree again, with no need to read every row.
+                self._index.settle()
+                listing = None
+                loaded = self._load(folder.name, incremental=True)
+                token, same = listed_as(loaded) if loaded is not None else (None, False)
+            if loaded is not None and not same:
                 # A row whose file was renamed without a flag change keeps its MODSEQ, so
                 # only a full load can tell.
                 loaded = self._load(folder.name)
@@ -1636,7 +1668,7 @@ class MailStore:
         if told is None:
             return None
         now, there = told
-        return now, all((name in state.filenames) == present for name, present in there.items())
+        return now, all(state.has_file(name) == present for name, present in there.items())
 
     def _load(self, name: str, *, incremental: bool = False) -> _Cached | None:
         """The mailbox as the index has it; None if unknown or an expunge is unfinished.
@@ -1711,9 +1743,7 @@ class MailStore:
         snapshot = Snapshot(
             name, box.uidvalidity, box.uidnext, box.highestmodseq, tuple(messages), tuple(files)
         )
-        loaded = _Cached(
-            self._index.inode, data_version, frozenset(files.values()), snapshot, files, box.id
-        )
+        loaded = _Cached(self._index.inode, data_version, snapshot, files, box.id, _keyed(snapshot))
         self._base[name] = loaded
         return loaded
 
@@ -1762,14 +1792,13 @@ class MailStore:
                 log,
                 floor,
             )
-            filenames = base.filenames.difference(dropped - names).union(names)
             loaded = _Cached(
                 self._index.inode,
                 data_version,
-                filenames,
                 snapshot,
                 files,
                 box.id,
+                base.by_key,
                 since=_since_after(base, dropped | names),
             )
             self._base[old.name] = loaded
@@ -1808,10 +1837,10 @@ class MailStore:
         loaded = _Cached(
             self._index.inode,
             data_version,
-            frozenset(files.values()),
             snapshot,
             files,
             box.id,
+            _keyed(snapshot),
             since=_since_after(base, touched),
         )
         self._base[old.name] = loaded
@@ -2053,7 +2082,15 @@ class MailStore:
             return None
         snapshot = fresh.snapshot(box, uidnext, highest)
         files = dict(zip(snapshot.uids, fresh.filenames, strict=True))
-        return _Cached(self._index.inode, 0, frozenset(fresh.filenames), snapshot, files, box.id)
+        return _Cached(
+            self._index.inode,
+            0,
+            snapshot,
+            files,
+            box.id,
+            _keyed(snapshot),
+            names=[frozenset(fresh.filenames)],
+        )
 
     def _split_duplicates(self, folder: _Folder, rows: dict[str, _Row], names: list[str]) -> bool:
         """Give a new key to each extra file sharing a key (a mail reader's crash can leave
