@@ -1772,6 +1772,36 @@ class MailStore:
             updates[uid] = (info, filename)
         log, floor = _carried_log(old, [info for info, _ in updates.values()])
         files = dict(base.files)
+
+        def applied(
+            messages: tuple[MessageInfo, ...],
+            uids: tuple[int, ...],
+            by_key: dict[str, int] | None,
+            touched: Collection[str],
+        ) -> _Cached:
+            """The new state (``by_key`` None: made afresh), the base of the next load."""
+            snapshot = Snapshot(
+                old.name,
+                box.uidvalidity,
+                box.uidnext,
+                box.highestmodseq,
+                messages,
+                uids,
+                log,
+                floor,
+            )
+            loaded = _Cached(
+                self._index.inode,
+                data_version,
+                snapshot,
+                files,
+                box.id,
+                _keyed(snapshot) if by_key is None else by_key,
+                since=_since_after(base, touched),
+            )
+            self._base[old.name] = loaded
+            return loaded
+
         if not gone and all(uid in files for uid in updates):
             # Flag changes only (the common case): replace those messages in place.
             changed_list = list(old.messages)
@@ -1782,32 +1812,13 @@ class MailStore:
                 dropped.add(files[uid])
                 names.add(filename)
                 files[uid] = filename
-            snapshot = Snapshot(
-                old.name,
-                box.uidvalidity,
-                box.uidnext,
-                box.highestmodseq,
-                tuple(changed_list),
-                old.uids,
-                log,
-                floor,
-            )
-            loaded = _Cached(
-                self._index.inode,
-                data_version,
-                snapshot,
-                files,
-                box.id,
-                base.by_key,
-                since=_since_after(base, dropped | names),
-            )
-            self._base[old.name] = loaded
-            return loaded
+            return applied(tuple(changed_list), old.uids, base.by_key, dropped | names)
         messages: list[MessageInfo] = []
         touched: set[str] = set()  # names that went or came
         for m in old.messages:
             if m.uid in gone:
-                touched.add(files.pop(m.uid, ""))
+                if m.uid in files:
+                    touched.add(files.pop(m.uid))
                 continue
             update = updates.pop(m.uid, None)
             if update is None:
@@ -1824,27 +1835,7 @@ class MailStore:
                 files[uid] = filename
             if sorted(updates)[0] <= last_uid:
                 messages.sort(key=lambda m: m.uid)
-        snapshot = Snapshot(
-            old.name,
-            box.uidvalidity,
-            box.uidnext,
-            box.highestmodseq,
-            tuple(messages),
-            (),
-            log,
-            floor,
-        )
-        loaded = _Cached(
-            self._index.inode,
-            data_version,
-            snapshot,
-            files,
-            box.id,
-            _keyed(snapshot),
-            since=_since_after(base, touched),
-        )
-        self._base[old.name] = loaded
-        return loaded
+        return applied(tuple(messages), (), None, touched)
 
     @staticmethod
     def _box(db: sqlite3.Connection, name: str) -> _Box | None:

@@ -218,6 +218,7 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
         if self._holding and b"\n" in getattr(self._reader, "_buffer", b""):
             return
         held, self._held = b"".join(self._held), []
+        log.debug("%r << %r", self.session and self.session.peer, held)  # as aiosmtpd logs it
         self._writer.write(held)
         await self._writer.drain()
 

@@ -13,12 +13,19 @@ def _listdir(path: Path) -> frozenset[str]:
     return frozenset(n for n in os.listdir(path) if not n.startswith("."))
 
 
-def test_names_follow_creates_renames_and_unlinks(tmp_path: Path) -> None:
+def _watched(tmp_path: Path, *names: str) -> tuple[Path, Listings]:
+    """A cur/ directory holding empty files ``names``, held by listings of its own."""
     cur = tmp_path / "cur"
     cur.mkdir()
-    (cur / "a:2,").write_bytes(b"")
+    for name in names:
+        (cur / name).write_bytes(b"")
     listings = Listings()
     listings.hold(str(cur))
+    return cur, listings
+
+
+def test_names_follow_creates_renames_and_unlinks(tmp_path: Path) -> None:
+    cur, listings = _watched(tmp_path, "a:2,")
     token, names = listings.names(str(cur))
     assert token is not None and names == {"a:2,"}
     assert listings.names(str(cur))[0] == token  # nothing changed: the same token
@@ -111,11 +118,7 @@ def test_a_suspended_directory_queues_no_events_and_is_listed_again(tmp_path: Pa
 
 
 def test_changes_since_a_token_name_what_moved_and_whether_it_is_there(tmp_path: Path) -> None:
-    cur = tmp_path / "cur"
-    cur.mkdir()
-    (cur / "a").write_bytes(b"")
-    listings = Listings()
-    listings.hold(str(cur))
+    cur, listings = _watched(tmp_path, "a")
     token, _ = listings.names(str(cur))
     assert token is not None
     assert listings.changes(str(cur), token, ["a", "zz"]) == (token, {"a": True, "zz": False})
