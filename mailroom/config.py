@@ -457,13 +457,33 @@ _CACHE_GLOBALS = {
 
 def _cache_key(path: Path, raw: bytes, env: dict[str, str]) -> bytes:
     """What the settings were made from: the file, the environment's overrides, this module's
-    code (the schema) and the Python that pickled them."""
+    code (the schema), the pydantic that validated them and the Python that pickled them."""
     digest = hashlib.sha256(_CACHE_VERSION)
-    for part in (str(path), sys.version, *sorted(f"{k}={v}" for k, v in env.items())):
+    parts = (str(path), sys.version, _validators(), *sorted(f"{k}={v}" for k, v in env.items()))
+    for part in parts:
         digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
     digest.update(hashlib.sha256(raw).digest())
     digest.update(hashlib.sha256(Path(__file__).read_bytes()).digest())
     return digest.digest()
+
+
+def _validators() -> str:
+    """Which pydantic validates, found without importing it (that is what the cache saves):
+    the ``__init__.py`` the import system would take for each package (first on sys.path)
+    and its inode, size and mtime, which an upgrade changes."""
+    found = []
+    for name in ("pydantic", "pydantic_core", "pydantic_settings"):
+        identity = "-"
+        for entry in sys.path:
+            origin = os.path.join(entry or ".", name, "__init__.py")
+            try:
+                st = os.stat(origin)
+            except OSError:
+                continue
+            identity = f"{origin}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+            break
+        found.append(f"{name}={identity}")
+    return " ".join(found)
 
 
 class _SettingsUnpickler(pickle.Unpickler):

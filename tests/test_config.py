@@ -286,3 +286,21 @@ def test_an_untrusted_or_forged_cache_is_not_used(tmp_path: Path) -> None:
     assert not marker.exists()
     kept.write_bytes(key + b"\x80\x05truncated")
     assert _load_in_a_process(config, cache)["pydantic"] is True
+
+
+def test_the_cache_follows_the_pydantic_that_validated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade of pydantic replaces its files: settings it validated are validated again."""
+    from mailroom import config as config_module
+
+    fake = tmp_path / "site" / "pydantic_settings"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))  # found first, never imported
+    before = config_module._validators()
+    assert str(fake / "__init__.py") in before
+    key = config_module._cache_key(tmp_path / "c.toml", b"", {})
+    (fake / "__init__.py").write_text("# 2.1\n")  # upgraded
+    assert config_module._validators() != before
+    assert config_module._cache_key(tmp_path / "c.toml", b"", {}) != key
