@@ -168,13 +168,7 @@ class Listings:
             entry = self._dirs.get(path) if self._pid == os.getpid() else None
             if entry is None:
                 return None, frozenset(_listdir(path))
-            self._drain()
-            try:
-                st = os.stat(path)
-                ident = (st.st_dev, st.st_ino)
-            except FileNotFoundError:
-                ident = (-1, -1)
-            if entry.broken or ident != entry.ident:
+            if self._stale(entry):
                 users = entry.users
                 self._forget_locked(entry)
                 replaced = self._watch_locked(path, users)
@@ -194,14 +188,7 @@ class Listings:
         as it was at ``token``, or ``token`` is older than the changes remembered)."""
         with self._lock:
             entry = self._dirs.get(path) if self._pid == os.getpid() else None
-            if entry is None or entry.serial != token[0]:
-                return None
-            self._drain()
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                return None
-            if entry.broken or (st.st_dev, st.st_ino) != entry.ident:
+            if entry is None or entry.serial != token[0] or self._stale(entry):
                 return None
             if token[1] < entry.journal_floor or token[1] > entry.generation:
                 return None
@@ -211,6 +198,17 @@ class Listings:
                     break
                 since.add(name)
             return (entry.serial, entry.generation), {n: n in entry.names for n in since}
+
+    def _stale(self, entry: _Dir) -> bool:
+        """Apply the queued events; whether ``entry`` no longer tells the truth about its
+        path (the watch broke, or another directory is there now). Call with the lock held."""
+        self._drain()
+        try:
+            st = os.stat(entry.path)
+            ident = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            ident = (-1, -1)
+        return entry.broken or ident != entry.ident
 
     def _drain(self) -> None:
         """Apply every queued event (call with the lock held)."""

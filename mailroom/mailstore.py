@@ -229,11 +229,15 @@ class Snapshot:
         if len(self.uids) != len(self.messages):
             object.__setattr__(self, "uids", tuple(m.uid for m in self.messages))
 
+    @property
+    def logged_above(self) -> int:
+        """The MODSEQ above which every change is in ``log``."""
+        return self.highestmodseq if self.log_floor is None else self.log_floor
+
     def changed_since(self, modseq: int) -> list[MessageInfo]:
         """The messages whose MODSEQ is above ``modseq``, in UID order: every flag change and
         arrival since a snapshot whose HIGHESTMODSEQ was ``modseq`` (RFC 7162 3.1.1)."""
-        floor = self.highestmodseq if self.log_floor is None else self.log_floor
-        if modseq < floor:
+        if modseq < self.logged_above:
             return [m for m in self.messages if m.modseq > modseq]
         start = bisect.bisect_left(self.log, (modseq + 1,))
         found = []
@@ -250,7 +254,7 @@ def _carried_log(
     """``old``'s change log and floor with ``changed`` (each above its HIGHESTMODSEQ) added,
     for the snapshot after them: the last ``CHANGE_LOG_LENGTH`` changes."""
     log = old.log + tuple(sorted((m.modseq, m.uid) for m in changed))
-    floor = old.highestmodseq if old.log_floor is None else old.log_floor
+    floor = old.logged_above
     if len(log) > CHANGE_LOG_LENGTH:
         floor = log[-CHANGE_LOG_LENGTH - 1][0]
         log = log[-CHANGE_LOG_LENGTH:]
@@ -1087,10 +1091,7 @@ class _Fresh:
             order = sorted(range(len(self.messages)), key=lambda i: self.messages[i].uid)
             self.messages = [self.messages[i] for i in order]
             self.filenames = [self.filenames[i] for i in order]
-        messages = tuple(self.messages)
-        return Snapshot(
-            box.name, box.uidvalidity, uidnext, highest, messages, tuple(m.uid for m in messages)
-        )
+        return Snapshot(box.name, box.uidvalidity, uidnext, highest, tuple(self.messages))
 
 
 def _since_after(
