@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 
 from mailroom.errors import InvalidNameError
 
@@ -43,6 +44,7 @@ class Address:
         return tag if user else ""
 
 
+@lru_cache(maxsize=1024)  # every RCPT asks; a valid name's answer never changes
 def normalise_domain(domain: str) -> str:
     """Lower-case IDNA A-label form of ``domain``, or ``InvalidNameError``."""
     name = domain.strip().rstrip(".")

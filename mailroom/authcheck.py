@@ -41,6 +41,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Protocol, TypeVar
 
 from mailroom import psl
@@ -567,11 +568,15 @@ def _dmarc_record(domain: str, lookups: Answers) -> dict[str, str] | None:
         records = lookups.records(f"_dmarc.{domain}", "TXT")
     except DnsPermanentError:
         return None
-    texts = [b"".join(r.strings).decode("utf-8", "replace") for r in records]
+    tags = _usable_dmarc(tuple(b"".join(r.strings).decode("utf-8", "replace") for r in records))
+    return None if tags is None else dict(tags)
+
+
+@lru_cache(maxsize=256)  # the same few records come with every message
+def _usable_dmarc(texts: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
     candidates = [t for t in texts if re.match(r"^v\s*=\s*DMARC1\s*(;|$)", t)]
-    if len(candidates) != 1:
-        return None
-    return parse_dmarc(candidates[0])
+    tags = parse_dmarc(candidates[0]) if len(candidates) == 1 else None
+    return None if tags is None else tuple(tags.items())
 
 
 def parse_dmarc(text: str) -> dict[str, str] | None:
@@ -755,7 +760,17 @@ def authserv_id_of(value: str) -> str | None:
 
 # -- message and envelope parsing ----------------------------------------------------------------
 
-_FROM_FIELD = re.compile(rb"(?im)^from[ \t]*:(.*(?:\r\n[ \t].*)*)")
+_FROM_FIELD = re.compile(rb"(?im)^from[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")  # without its CRLF
+
+
+# A From: field as nearly every sender writes it: one address, bare or in angle brackets after
+# a display name of atoms and quoted strings. Anything else goes to email's full parser.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_WORD = rf'(?:{_ATOM}|"[^"\\\r\n]*")'
+_ADDR_SPEC = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_SIMPLE_FROM = re.compile(
+    rf"[ \t]*(?:(?:{_WORD}(?:[ \t]+{_WORD})*[ \t]*)?<({_ADDR_SPEC})>|({_ADDR_SPEC}))[ \t]*"
+)
 
 
 def _from_domains(message: bytes) -> list[str]:
@@ -764,8 +779,12 @@ def _from_domains(message: bytes) -> list[str]:
     end = message.find(b"\r\n\r\n")
     head = message if end < 0 else message[: end + 2]
     texts = [f.decode("utf-8", "replace").replace("\r\n", "") for f in _FROM_FIELD.findall(head)]
-    domains = [_domain_of(address) for _name, address in getaddresses(texts)]
-    return list(dict.fromkeys(d for d in domains if d))
+    simple = [_SIMPLE_FROM.fullmatch(text) for text in texts]
+    if all(simple):
+        addresses = [m.group(1) or m.group(2) for m in simple if m]
+    else:
+        addresses = [address for _name, address in getaddresses(texts)]
+    return list(dict.fromkeys(d for d in map(_domain_of, addresses) if d))
 
 
 def _domain_of(address: str) -> str:

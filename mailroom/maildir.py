@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import re
@@ -73,19 +74,38 @@ def escape_hostname(hostname: str) -> str:
     return hostname.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
 
 
-def unique_name_generator(hostname: str) -> UniqueFunc:
-    """A function returning ``{sec}.M{usec}P{pid}R{16 hex random}.{host}`` on every call.
+class _ThisProcess:
+    """This process's pid, a random tag and a count of names made; a forked child makes its
+    own (read once, not on every delivery: both were system calls)."""
 
-    maildir(5) and Dovecot: time, microseconds and pid; the 64 random bits make names from
-    threads of one process in the same microsecond distinct too. The pid is read on every call
-    so that forked children do not repeat their parent's names.
+    def __init__(self) -> None:
+        self.forked()
+
+    def forked(self) -> None:
+        self.pid = os.getpid()
+        self.tag = secrets.token_hex(4)
+        self.serial = itertools.count(1)
+
+
+_this_process = _ThisProcess()
+os.register_at_fork(after_in_child=_this_process.forked)
+
+
+def unique_name_generator(hostname: str) -> UniqueFunc:
+    """A function returning ``{sec}.M{usec}P{pid}Q{n}R{tag}.{host}`` on every call.
+
+    maildir(5) and Dovecot: time, microseconds and pid; ``Q{n}``, the process's count of
+    names made (Dovecot's delivery counter), keeps names from threads of one process in the
+    same microsecond distinct; ``R{tag}``, 32 random bits drawn once per process, a later
+    process that got the same pid. A forked child has its own pid, count and tag.
     """
     host = escape_hostname(hostname)
+    this = _this_process
 
     def unique() -> str:
         now = time.time_ns()
         sec, usec = now // 1_000_000_000, now // 1_000 % 1_000_000
-        return f"{sec}.M{usec}P{os.getpid()}R{secrets.token_hex(8)}.{host}"
+        return f"{sec}.M{usec}P{this.pid}Q{next(this.serial)}R{this.tag}.{host}"
 
     return unique
 

@@ -20,6 +20,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = Path("/usr/share/publicsuffix/public_suffix_list.dat")
+ORG_CACHE = 4096  # organizational domains remembered per list (DMARC asks for each message)
 
 
 class PublicSuffixList:
@@ -29,6 +30,7 @@ class PublicSuffixList:
         self._rules: set[str] = set()
         self._wildcards: set[str] = set()  # "*.ck" stored as "ck"
         self._exceptions: set[str] = set()  # "!www.ck" stored as "www.ck"
+        self._organizational: dict[str, str] = {}  # answers given, at most ORG_CACHE
         for line in text.splitlines():
             # A rule is the first whitespace-delimited word of a line; "//" starts a comment.
             words = line.split()
@@ -63,6 +65,14 @@ class PublicSuffixList:
 
     def organizational_domain(self, domain: str) -> str:
         """RFC 7489 3.2: the public suffix plus one label; the name itself if it is a suffix."""
+        known = self._organizational.get(domain)
+        if known is None:
+            if len(self._organizational) >= ORG_CACHE:
+                self._organizational.clear()
+            known = self._organizational[domain] = self._organizational_domain(domain)
+        return known
+
+    def _organizational_domain(self, domain: str) -> str:
         labels = _labels(domain)
         suffix = self.public_suffix(domain)
         count = len(suffix.split(".")) if suffix else 0

@@ -136,6 +136,7 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
         self._data_seen = False  # the first bytes may be an HTTP request
         self._held: list[bytes] = []  # replies not sent yet (see push)
         self._holding = False
+        self._deadline = 0.0  # the idle timeout's (see _reset_timeout)
         super().__init__(
             handler,
             data_size_limit=settings.message_size_limit,
@@ -191,6 +192,25 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
         if self.dnsbl is not None:
             self.dnsbl.cancel()
         super().connection_lost(error)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Start the idle timeout again (every command, every block of DATA). aiosmtpd makes
+        a new timer each time; here the deadline moves and the one timer, firing before it,
+        arms itself again for the rest."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and handle.when() <= deadline:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+        else:
+            super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def data_received(self, data: bytes) -> None:
         if not self._data_seen:

@@ -27,7 +27,7 @@ from mailroom.maildir import Maildir, check_quota, deliver_all, escape_hostname
 HOST = "mx.example.org"
 MESSAGE = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nline one\r\n\r\n.dot\r\n"
 NAME_RE = re.compile(
-    r"^(?P<sec>\d+)\.M(?P<usec>\d+)P(?P<pid>\d+)R(?P<rand>[0-9a-f]{16})\.(?P<host>[^/]+)"
+    r"^(?P<sec>\d+)\.M(?P<usec>\d+)P(?P<pid>\d+)Q(?P<n>\d+)R(?P<tag>[0-9a-f]{8})\.(?P<host>[^/]+)"
     r",S=(?P<s>\d+),W=(?P<w>\d+)$"
 )
 
@@ -630,3 +630,39 @@ def test_bench_fsync_limit_delivers_count_messages_of_size(tmp_path: Path, worke
     assert len(names) == 40
     assert all(names_match.endswith(",W=10240") for names_match in names)
     assert listing(tmp_path / "bench" / "tmp") == []
+
+
+def test_unique_names_differ_across_threads_and_forked_children() -> None:
+    """maildir(5) names: distinct from threads of one process in the same microsecond (the
+    process's count), and a forked child has its own pid and random tag."""
+    import threading
+
+    from mailroom.maildir import unique_name_generator
+
+    unique = unique_name_generator(HOST)
+    names: list[list[str]] = [[] for _ in range(8)]
+
+    def make(into: list[str]) -> None:
+        into.extend(unique() for _ in range(2000))
+
+    threads = [threading.Thread(target=make, args=(into,)) for into in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [name for into in names for name in into]
+    assert len(set(every)) == len(every) == 16000
+    parent = NAME_RE.match(every[0] + ",S=1,W=1")
+    assert parent and parent["pid"] == str(os.getpid()) and parent["host"] == HOST
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, unique().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = NAME_RE.match(os.read(read, 1000).decode() + ",S=1,W=1")
+    os.close(read)
+    os.close(write)
+    assert child and child["pid"] == str(pid) and child["n"] == "1"
+    assert child["tag"] != parent["tag"]

@@ -452,3 +452,56 @@ def test_pipelined_replies_go_out_together_and_none_waits(smtpd: Server) -> None
         assert [conv.last()[:3] for _ in range(2)] == ["250", "250"]
         conv.send(b"OP\r\n")
         assert conv.last().startswith("250 ")
+
+
+def test_idle_timeout_starts_again_with_each_command_and_block_of_data(mail_env: MailEnv) -> None:
+    """A session that sends nothing for the timeout is closed; each command and each block of
+    DATA starts the timeout again (one timer per session whose deadline moves)."""
+    import asyncio
+
+    from mailroom.config import load_settings
+    from mailroom.smtpd import InboundHandler, InboundSMTP
+
+    timeout, pause = 0.6, 0.3
+
+    async def reply(reader: asyncio.StreamReader) -> bytes:
+        line = await reader.readline()
+        while line[3:4] == b"-":
+            line = await reader.readline()
+        return line
+
+    async def session() -> tuple[float, float]:
+        settings = load_settings(mail_env.config)
+        with mail_env.accounts() as accounts:
+            handler = InboundHandler(settings, accounts)
+            server = await asyncio.get_running_loop().create_server(
+                lambda: InboundSMTP(handler, settings, None, timeout=timeout), "127.0.0.1", 0
+            )
+            async with server:
+                port = server.sockets[0].getsockname()[1]
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                assert (await reply(reader)).startswith(b"220")
+                start = time.monotonic()
+                for command in (b"EHLO client.test", b"NOOP", b"NOOP", b"NOOP"):
+                    await asyncio.sleep(pause)
+                    writer.write(command + b"\r\n")
+                    assert (await reply(reader)).startswith(b"250"), command
+                writer.write(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+                for code in (b"250", b"250", b"354"):
+                    assert (await reply(reader)).startswith(code)
+                for _ in range(4):  # a slow client: blocks of data, each within the timeout
+                    await asyncio.sleep(pause)
+                    writer.write(b"Subject: slow\r\n")
+                writer.write(b"\r\nbody\r\n.\r\n")
+                assert (await reply(reader)).startswith(b"250")
+                alive = time.monotonic() - start
+                idle = time.monotonic()
+                assert await reader.read() == b""  # closed for being idle
+                closed_after = time.monotonic() - idle
+                writer.close()
+                return alive, closed_after
+
+    alive, closed_after = asyncio.run(session())
+    assert alive > 4 * timeout  # kept open well past one timeout by the commands and data
+    assert timeout * 0.9 < closed_after < timeout + 1
+    assert len(mail_env.new_messages("alice@example.test")) == 1
