@@ -97,6 +97,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
+RECIPIENT_CACHE = 1024  # recipient() answers kept while the database is unchanged
+
 
 @dataclass(frozen=True, slots=True)
 class User:
@@ -130,6 +132,10 @@ class Accounts:
         self._dummy_hash: str | None = None
         self._dummy_lock = threading.Lock()  # the dummy is made once, not by each first login
         self._lock = threading.RLock()
+        # recipient()'s answers while the database is unchanged: PRAGMA data_version says when
+        # another connection committed; this one's own writes clear them.
+        self._recipients: dict[tuple[str, Address | None], tuple[bool, tuple[User, ...]]] = {}
+        self._data_version = -1
         self._conn = _connect(path)
         try:
             self._migrate()
@@ -348,18 +354,36 @@ class Accounts:
 
     def recipient(self, domain: str, address: Address | None) -> tuple[bool, list[User]]:
         """For RCPT, in one transaction: whether ``domain`` is ours and, if it is, what
-        ``resolve(address)`` gives (nothing for an address that cannot be a local user: None)."""
+        ``resolve(address)`` gives (nothing for an address that cannot be a local user: None).
+        The answer is kept while the database is unchanged: then asking costs one statement."""
         try:
             name = normalise_domain(domain)
         except InvalidNameError:
             return False, []
-        with self._read() as db:
-            if not _domain_exists(db, name):
-                return False, []
-            found: dict[str, User] = {}
-            if address is not None:
-                self._expand(db, _address(address), found, set(), 0)
-        return True, list(found.values())
+        with self._lock:
+            known = self._recipients.get((name, address)) if self._unchanged() else None
+            if known is None:
+                with self._read() as db:
+                    found: dict[str, User] = {}
+                    local = _domain_exists(db, name)
+                    if local and address is not None:
+                        self._expand(db, _address(address), found, set(), 0)
+                if len(self._recipients) >= RECIPIENT_CACHE:
+                    self._recipients.clear()
+                known = self._recipients[(name, address)] = (local, tuple(found.values()))
+        return known[0], list(known[1])
+
+    def _unchanged(self) -> bool:
+        """Whether no other connection has committed since the last call (one statement)."""
+        try:
+            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error as err:
+            raise AccountError(f"accounts database {self.path}: {err}") from None
+        if version == self._data_version:
+            return True
+        self._recipients.clear()
+        self._data_version = version
+        return False
 
     # Failed-login records (the storage of mailroom.throttle.AuthThrottle).
 
@@ -515,8 +539,10 @@ class Accounts:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._transaction("BEGIN IMMEDIATE") as db:
-            yield db
+        with self._lock:
+            self._recipients.clear()  # data_version does not count this connection's commits
+            with self._transaction("BEGIN IMMEDIATE") as db:
+                yield db
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

@@ -12,7 +12,14 @@ import pytest
 from argon2 import PasswordHasher  # type: ignore[import-untyped]
 
 from mailroom import accounts as accounts_module
-from mailroom.accounts import MAX_ALIAS_DEPTH, MIGRATIONS, Accounts, User, default_hasher
+from mailroom.accounts import (
+    MAX_ALIAS_DEPTH,
+    MIGRATIONS,
+    RECIPIENT_CACHE,
+    Accounts,
+    User,
+    default_hasher,
+)
 from mailroom.addresses import Address, parse_address
 from mailroom.errors import AccountError, ExistsError, InvalidNameError, NotFoundError
 
@@ -480,6 +487,46 @@ def test_recipient_is_the_domain_check_and_resolve_in_one(team: Accounts) -> Non
     assert team.recipient("example.org", None) == (True, [])  # ours, but no such local part
     assert team.recipient("example.net", parse_address("alice@example.net")) == (False, [])
     assert team.recipient("bad..name", None) == (False, [])
+
+
+def test_recipient_answers_are_kept_until_the_database_changes(team: Accounts) -> None:
+    """RCPT's answer is remembered while the accounts are unchanged (one PRAGMA, no
+    transaction); a change by another process or by this connection is seen at once."""
+    statements: list[str] = []
+    team._conn.set_trace_callback(statements.append)
+    alice, dave = parse_address("alice@example.org"), parse_address("dave@example.org")
+
+    def recipient(address: Address) -> tuple[bool, list[str]]:
+        local, users = team.recipient("example.org", address)
+        return local, [str(u.address) for u in users if u.enabled]
+
+    assert recipient(alice) == (True, ["alice@example.org"])
+    statements.clear()
+    for _ in range(3):
+        assert recipient(alice) == (True, ["alice@example.org"])
+    assert statements == ["PRAGMA data_version"] * 3  # nothing else asked
+
+    with Accounts(team.path) as other:  # mailroom-ctl, say
+        other.set_enabled("alice@example.org", False)
+        assert recipient(alice) == (True, [])
+        other.add_user("dave@example.org", PASSWORD)
+        assert recipient(dave) == (True, ["dave@example.org"])
+        team_ = parse_address("team@example.org")
+        assert recipient(team_) == (True, [])
+        other.add_alias("team@example.org", ["dave@example.org"])
+        assert recipient(team_) == (True, ["dave@example.org"])
+        assert team.recipient("example.net", None) == (False, [])
+        other.add_domain("example.net")
+        assert team.recipient("example.net", None) == (True, [])
+    assert recipient(alice) == (True, [])  # kept again
+    team.set_enabled("alice@example.org", True)  # this connection's own write
+    assert recipient(alice) == (True, ["alice@example.org"])
+
+
+def test_recipient_answers_kept_are_bounded(team: Accounts) -> None:
+    for i in range(RECIPIENT_CACHE + 10):
+        assert team.recipient("example.org", parse_address(f"x{i}@example.org")) == (True, [])
+        assert len(team._recipients) <= RECIPIENT_CACHE
 
 
 def test_plus_addressing(team: Accounts) -> None:
