@@ -966,7 +966,6 @@ class _Cached:
     # key -> uid of the messages in ``files``: the states of one mailbox that differ in flags
     # alone share it (a message's key never changes, its name does).
     by_key: dict[str, int] = field(default_factory=dict)
-    cur_token: tuple[int, int] | None = None  # Listings' token of cur/ matching ``filenames``
     # (mtime_ns of new/, of cur/) stat'ed just before a listing that matched ``filenames``,
     # and when that listing began (time.time_ns()); None until a listing confirmed it.
     dirs: tuple[int, int] | None = None
@@ -976,6 +975,11 @@ class _Cached:
     # ``filenames`` now from the changes alone (``MailStore._holds_names``). None: list.
     since: tuple[tuple[int, int], frozenset[str]] | None = None
     names: list[frozenset[str]] = field(default_factory=list, repr=False)  # see filenames
+
+    @property
+    def cur_token(self) -> tuple[int, int] | None:
+        """Listings' token of cur/ when it held exactly ``filenames`` (None: not known)."""
+        return self.since[0] if self.since is not None and not self.since[1] else None
 
     @property
     def filenames(self) -> frozenset[str]:
@@ -1649,9 +1653,7 @@ class MailStore:
         ``listed_at``: see ``_unchanged``). The base of the next incremental load learns the
         token too, so that the load after it can be checked from the changes alone."""
         since = None if token is None else (token, frozenset[str]())
-        self._cache[name] = _replace(
-            state, dirs=dirs, listed_at=listed_at, cur_token=token, since=since
-        )
+        self._cache[name] = _replace(state, dirs=dirs, listed_at=listed_at, since=since)
         if self._base.get(name) is state:
             self._base[name] = _replace(state, since=since)
 
