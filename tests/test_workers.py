@@ -290,6 +290,33 @@ def test_every_worker_runs_the_child_and_clean_exits_give_0(forks: Forks, tmp_pa
     assert len(pids) == 3 and parent not in pids
 
 
+def test_each_worker_keeps_to_one_cpu_round_robin(forks: Forks, tmp_path: Path) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("one CPU: nothing to keep a worker to")
+    count = len(allowed) + 1  # one more than there are CPUs: the first CPU takes two
+
+    def child() -> int:
+        cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+        (tmp_path / f"cpus-{os.getpid()}").write_text(cpus)
+        return 0
+
+    parent = forks.start(lambda: run_workers(count, child))
+    assert forks.wait(parent) == 0
+    seen = Counter(path.read_text() for path in files(tmp_path, "cpus"))
+    assert seen == Counter([str(allowed[0]), *map(str, allowed)])
+
+
+def test_one_worker_alone_may_use_every_cpu(forks: Forks, tmp_path: Path) -> None:
+    def child() -> int:
+        (tmp_path / "cpus").write_text(repr(sorted(os.sched_getaffinity(0))))
+        return 0
+
+    parent = forks.start(lambda: run_workers(1, child))
+    assert forks.wait(parent) == 0
+    assert (tmp_path / "cpus").read_text() == repr(sorted(os.sched_getaffinity(0)))
+
+
 def test_a_worker_that_fails_while_the_others_serve_is_started_again(
     forks: Forks, tmp_path: Path
 ) -> None:
