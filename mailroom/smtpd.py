@@ -47,8 +47,9 @@ from mailroom.errors import (
     MailroomError,
     QuotaExceededError,
 )
-from mailroom.maildir import Maildir, check_quota, deliver_all
+from mailroom.maildir import Maildir, check_quota, deliver_all, to_lf
 from mailroom.service import Sockets, run
+from mailroom.threadpool import ThreadPool
 
 if TYPE_CHECKING:
     from mailroom.authcheck import Checker, Verdict
@@ -327,9 +328,24 @@ async def read_data(
     message = raw.replace(b"\r\n.", b"\r\n")
     message = message[1:] if message.startswith(b".") else message
     # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF (not the dot).
-    if message and max(map(len, message.split(b"\r\n"))) + 2 > line_limit:
+    if _longest_line(message, line_limit - 2) + 2 > line_limit:
         return "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
     return message
+
+
+def _longest_line(message: bytes, at_most: int) -> int:
+    """The length of the longest CRLF-separated line of ``message`` (without its CRLF), or
+    a number no greater than ``at_most`` when every line is that short.
+
+    Splitting a 10 KiB message into its lines costs several times what a look for a CRLF
+    in every ``at_most // 2``-octet stretch does: where each stretch has one, no line is
+    longer than ``at_most``. Only when one has none is the message split.
+    """
+    stretch = max(at_most // 2, 1)
+    find = message.find
+    if all(find(b"\r\n", at, at + stretch + 1) >= 0 for at in range(0, len(message), stretch)):
+        return min(at_most, len(message))
+    return max(map(len, message.split(b"\r\n")))
 
 
 class InboundHandler:
@@ -339,9 +355,9 @@ class InboundHandler:
         self.settings = settings
         self.accounts = accounts
         self._maildirs: dict[Address, Maildir] = {}
-        # fsync waits on the disk, not the CPU: enough threads for every session to wait at
-        # once lets the file system commit concurrent deliveries together.
-        self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deliver")
+        # Blocking calls: deliveries (fsync waits on the disk, not the CPU: enough threads for
+        # every session to wait at once lets the file system commit them together).
+        self.threads = ThreadPool(16, "smtp")
         # pyspf and dkimpy are synchronous: they run here, their DNS on the event loop.
         self._check_executor: ThreadPoolExecutor | None = None
         self._warm_up: asyncio.Future[None] | None = None
@@ -474,6 +490,8 @@ class InboundHandler:
                 header = _with_authentication_results(header, verdict, self.settings.hostname)
                 content = _strip_ours(content, self.settings.hostname, queue_id)
         message = header + content
+        # The content has no bare CR (refused above): deleting its CRs is to_lf, and quicker.
+        stored = to_lf(header) + content.translate(None, b"\r")
         users = list(envelope.mailboxes.values())
         targets = [
             (self._maildir(u), _junk_folder(self._maildir(u)) if junk else "") for u in users
@@ -481,8 +499,7 @@ class InboundHandler:
         try:
             for (maildir, _), user in zip(targets, envelope.mailboxes.values(), strict=True):
                 check_quota(maildir, user.quota_bytes, len(message))
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.executor, deliver_all, targets, message)
+            await self.threads.run(functools.partial(deliver_all, stored=stored), targets, message)
         except QuotaExceededError as err:
             log.info("%s refused: %s", queue_id, err, extra={"CLIENT_ADDR": peer})
             return replies.MESSAGE_TOO_BIG_FOR_MAILBOX

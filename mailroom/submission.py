@@ -197,13 +197,11 @@ class SubmissionHandler(InboundHandler):
         """Load dkimpy and dnspython on a worker thread once the client has said EHLO (it still
         has to log in), so that the first message a fresh process signs does not wait for them."""
         if self._warm_up is None:
-            loop = asyncio.get_running_loop()
-            self._warm_up = loop.run_in_executor(self.executor, _import_dkim)
+            self._warm_up = asyncio.ensure_future(self.threads.run(_import_dkim))
 
     async def authenticate(self, session: Session, username: str, password: str) -> User | None:
         check = throttled(self.accounts.verify_password, self.throttle, _peer(session))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, check, username, password)
+        return await self.threads.run(check, username, password)
 
     async def handle_MAIL(
         self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -268,11 +266,8 @@ class SubmissionHandler(InboundHandler):
         queue_id = new_queue_id()
         head = self.fix_header(head, session)
         message = self.received(server, session, queue_id) + head + body
-        loop = asyncio.get_running_loop()
         # Signing is milliseconds of CPU (RSA): a worker thread, not the event loop.
-        message = (
-            await loop.run_in_executor(self.executor, self.sign, message, senders[0]) + message
-        )
+        message = await self.threads.run(self.sign, message, senders[0]) + message
         now = time.time()
         try:
             if envelope.mailboxes:
@@ -280,12 +275,11 @@ class SubmissionHandler(InboundHandler):
                 for (maildir, _), rcpt in zip(targets, envelope.mailboxes.values(), strict=True):
                     check_quota(maildir, rcpt.quota_bytes, len(message))
                 local = b"Return-Path: <" + (envelope.mail_from or "").encode() + b">\r\n"
-                await loop.run_in_executor(self.executor, deliver_all, targets, local + message)
+                await self.threads.run(deliver_all, targets, local + message)
             if envelope.remote:
-                queue_id = await loop.run_in_executor(
-                    self.executor,
-                    lambda: self.queue.enqueue(envelope.mail_from or "", envelope.remote, message, now),
-                )  # fmt: skip
+                queue_id = await self.threads.run(
+                    self.queue.enqueue, envelope.mail_from or "", envelope.remote, message, now
+                )
         except QuotaExceededError:
             return replies.MESSAGE_TOO_BIG_FOR_MAILBOX
         except (DeliveryError, MailroomError, OSError) as err:

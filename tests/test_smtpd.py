@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import smtplib
 import socket
 import ssl
@@ -290,6 +291,23 @@ def test_long_lines_bounded(smtpd: Server, mail_env: MailEnv) -> None:
     )
     assert rss_kib < 80 * 1024, f"peak RSS {rss_kib} KiB"
     assert mail_env.new_messages("alice@example.test") == []
+
+
+def test_the_longest_line_is_found_as_splitting_finds_it() -> None:
+    """``_longest_line`` looks for a CRLF in stretches and splits only when one has none: for
+    every limit it must say "too long" exactly when splitting the message does."""
+    from mailroom.smtpd import _longest_line
+
+    rnd = random.Random(5321)
+    pieces = [b"\r\n", b"\r", b"\n", b"ab", b"x" * 997, b"x" * 998, b"x" * 999, b"x" * 2000]
+    for _ in range(20_000):
+        message = b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 12)))
+        limit = rnd.choice([997, 998, 999, 1000, 3])
+        exact = max(map(len, message.split(b"\r\n")))
+        found = _longest_line(message, limit)
+        assert (found > limit) == (exact > limit), (message, limit)
+        if found > limit:
+            assert found == exact
 
 
 def test_recipient_limit(mail_env: MailEnv, certificate: Certificate) -> None:
