@@ -45,12 +45,17 @@ class WorkerSection(Protocol):
 
 
 def run(
-    program: str, serve: Serve, workers: Callable[[Settings], WorkerSection] | None = None
+    program: str,
+    serve: Serve,
+    workers: Callable[[Settings], WorkerSection] | None = None,
+    *,
+    one_cpu_each: bool = False,
 ) -> int:
     """Run ``serve`` as ``program``; returns the exit status.
 
     ``workers(settings)`` gives the section saying how many processes serve the sockets and
-    the connection limit they share.
+    the connection limit they share; ``one_cpu_each`` keeps each of them to one CPU (see
+    ``run_workers``).
     """
     settings = start(program)
     if settings is None:
@@ -68,7 +73,11 @@ def run(
     counts = SharedCounts(section.max_connections)
     share_counts(counts)
     log.info("starting %d worker processes", count)
-    return run_workers(count, lambda: _serve(program, serve, settings, sockets), counts)
+
+    def child() -> int:
+        return _serve(program, serve, settings, sockets)
+
+    return run_workers(count, child, counts, one_cpu_each=one_cpu_each)
 
 
 def start(program: str) -> Settings | None:

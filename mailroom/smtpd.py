@@ -761,4 +761,4 @@ async def _serve(settings: Settings, accounts: Accounts, sockets: Sockets) -> No
 
 def main() -> int:
     """Entry point of ``mailroom-smtpd``."""
-    return run("mailroom-smtpd", _serve, workers=lambda s: s.smtp)
+    return run("mailroom-smtpd", _serve, workers=lambda s: s.smtp, one_cpu_each=True)

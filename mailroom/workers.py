@@ -8,16 +8,17 @@ What this module owns:
   worker can leave a new connection to a less busy one (``activation``).
 - ``run_workers(n, child)``: forks ``n`` workers that each run ``child()`` (their own asyncio
   loop accepting on the same listening sockets: the kernel hands each connection to one of
-  them), each kept to one of the CPUs this process may use (worker ``i`` on the ``i``-th,
-  round robin), and supervises them: SIGTERM/SIGINT are passed on, a worker that crashed while the
+  them), if asked each kept to one of the CPUs this process may use (worker ``i`` on the
+  ``i``-th, round robin), and supervises them: SIGTERM/SIGINT are passed on, a worker that crashed while the
   others serve is started again (at most ``RESTARTS`` a minute), and the parent exits when
   every worker has exited, with the first failure's status.
 
-Why one CPU per worker: a worker's event loop and its threads (Maildir deliveries, their
-fsyncs) hand the interpreter lock to each other many times a message. On one CPU a hand-off
-is a switch between threads; across CPUs it is a wake-up of another CPU, several times dearer
-(on a 2-CPU VM, 17 us against 2.4 us; port 25 then takes about a tenth less CPU a message).
-One worker alone is not kept to a CPU: its threads may then use them all.
+Why one CPU per worker (port 25 asks for it): a worker's event loop and its threads (Maildir
+deliveries, their fsyncs) hand the interpreter lock to each other many times a message. On
+one CPU a hand-off is a switch between threads; across CPUs it is a wake-up of another CPU,
+several times dearer (on a 2-CPU VM, 17 us against 2.4 us; port 25 then takes about a tenth
+less CPU a message). The servers that check passwords do not ask: argon2 computes its four
+lanes on four threads, which one CPU would serialize. One worker alone is never kept to a CPU.
 
 A worker leaves by itself only when the whole service is idle (``SharedCounts.total`` zero
 for the idle time, see ``activation.ConnectionTracker``), so systemd sees one service that
@@ -184,14 +185,21 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_workers(count: int, child: Callable[[], int], counts: SharedCounts | None = None) -> int:
+def run_workers(
+    count: int,
+    child: Callable[[], int],
+    counts: SharedCounts | None = None,
+    *,
+    one_cpu_each: bool = False,
+) -> int:
     """Run ``child`` in ``count`` forked processes until all have exited; the exit status.
 
     With ``counts``, each worker counts as its own index, and the connections of a worker
-    that has exited are forgotten.
+    that has exited are forgotten. With ``one_cpu_each`` (and more than one worker), worker
+    ``i`` is kept to the ``i``-th CPU this process may use, round robin.
     """
     count = min(count, MAX_WORKERS)
-    cpus = sorted(os.sched_getaffinity(0)) if count > 1 else []
+    cpus = sorted(os.sched_getaffinity(0)) if one_cpu_each and count > 1 else []
     workers: dict[int, int] = {}  # pid -> index
     stopping = False
     restarts: list[float] = []

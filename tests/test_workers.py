@@ -301,20 +301,24 @@ def test_each_worker_keeps_to_one_cpu_round_robin(forks: Forks, tmp_path: Path) 
         (tmp_path / f"cpus-{os.getpid()}").write_text(cpus)
         return 0
 
-    parent = forks.start(lambda: run_workers(count, child))
+    parent = forks.start(lambda: run_workers(count, child, one_cpu_each=True))
     assert forks.wait(parent) == 0
     seen = Counter(path.read_text() for path in files(tmp_path, "cpus"))
     assert seen == Counter([str(allowed[0]), *map(str, allowed)])
 
 
-def test_one_worker_alone_may_use_every_cpu(forks: Forks, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("count", "one_cpu_each"), [(1, True), (2, False)])
+def test_workers_not_asked_or_alone_may_use_every_cpu(
+    forks: Forks, tmp_path: Path, count: int, one_cpu_each: bool
+) -> None:
     def child() -> int:
-        (tmp_path / "cpus").write_text(repr(sorted(os.sched_getaffinity(0))))
+        (tmp_path / f"cpus-{os.getpid()}").write_text(repr(sorted(os.sched_getaffinity(0))))
         return 0
 
-    parent = forks.start(lambda: run_workers(1, child))
+    parent = forks.start(lambda: run_workers(count, child, one_cpu_each=one_cpu_each))
     assert forks.wait(parent) == 0
-    assert (tmp_path / "cpus").read_text() == repr(sorted(os.sched_getaffinity(0)))
+    every = repr(sorted(os.sched_getaffinity(0)))
+    assert [path.read_text() for path in files(tmp_path, "cpus")] == [every] * count
 
 
 def test_a_worker_that_fails_while_the_others_serve_is_started_again(
@@ -518,3 +522,25 @@ def test_imapd_workers_share_a_burst_of_connections(mail_env: MailEnv) -> None:
             assert data.startswith(b"* OK "), data
             on[serving_worker(sock, imapd.port, imapd.pids)] += 1
         assert min(on[pid] for pid in imapd.pids) >= 5, on
+
+
+def test_port_25_workers_keep_to_a_cpu_each_and_imapd_workers_do_not(mail_env: MailEnv) -> None:
+    allowed = set(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("one CPU: nothing to keep a worker to")
+    with two_imapd_workers(mail_env) as imapd:  # argon2's lanes want every CPU
+        assert [os.sched_getaffinity(pid) for pid in imapd.pids] == [allowed, allowed]
+    with mail_env.config.open("a") as f:
+        f.write("[smtp]\nworkers = 2\n")
+    server = Server(mail_env, "mailroom-smtpd", ("smtp",))
+    try:
+        wait_for(lambda: len(server.child_pids()) == 1)
+        (smtpd,) = server.child_pids()
+        wait_for(lambda: len(children_of(smtpd)) == 2)
+        workers = children_of(smtpd)
+        # Each keeps to its CPU right after the fork, before it serves.
+        wait_for(lambda: all(len(os.sched_getaffinity(pid)) == 1 for pid in workers))
+        cpus = [os.sched_getaffinity(pid) for pid in workers]
+        assert cpus[0] != cpus[1] and cpus[0] | cpus[1] <= allowed
+    finally:
+        server.stop()
