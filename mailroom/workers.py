@@ -185,6 +185,15 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _keep_to(cpu: int, index: int) -> None:
+    """Keep this process (and the threads it will start) to ``cpu``; where a seccomp filter
+    or a cpuset refuses, it serves unpinned, as it would have otherwise."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:
+        log.info("worker %d not kept to CPU %d: %s", index, cpu, exc.strerror or exc)
+
+
 def run_workers(
     count: int,
     child: Callable[[], int],
@@ -224,7 +233,7 @@ def run_workers(
                     if counts is not None:
                         counts.join(index)
                     if len(cpus) > 1:
-                        os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+                        _keep_to(cpus[index % len(cpus)], index)
                     code = child()
                 except BaseException:
                     log.exception("worker %d failed", index)

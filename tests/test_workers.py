@@ -307,6 +307,16 @@ def test_each_worker_keeps_to_one_cpu_round_robin(forks: Forks, tmp_path: Path) 
     assert seen == Counter([str(allowed[0]), *map(str, allowed)])
 
 
+def test_a_worker_refused_its_cpu_serves_unpinned(forks: Forks, tmp_path: Path) -> None:
+    def child() -> int:
+        workers._keep_to(4095, 0)  # no such CPU here: EINVAL, as EPERM from a seccomp filter
+        (tmp_path / "cpus").write_text(repr(sorted(os.sched_getaffinity(0))))
+        return 0
+
+    assert forks.wait(forks.start(child)) == 0
+    assert (tmp_path / "cpus").read_text() == repr(sorted(os.sched_getaffinity(0)))
+
+
 @pytest.mark.parametrize(("count", "one_cpu_each"), [(1, True), (2, False)])
 def test_workers_not_asked_or_alone_may_use_every_cpu(
     forks: Forks, tmp_path: Path, count: int, one_cpu_each: bool

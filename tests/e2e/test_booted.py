@@ -44,6 +44,23 @@ idle_exit_seconds = {IDLE_EXIT_SECONDS}
 """
 
 
+# The Cpus_allowed_list of each mailroom-smtpd worker: a process whose parent is one too.
+WORKER_CPUS = """
+import pathlib
+status = {}
+for path in pathlib.Path("/proc").glob("[0-9]*/status"):
+    try:
+        fields = dict(line.split(":", 1) for line in path.read_text().splitlines() if ":" in line)
+    except OSError:
+        continue
+    if fields.get("Name", "").strip() == "mailroom-smtpd":
+        status[path.parent.name] = fields
+for fields in status.values():
+    if fields["PPid"].strip() in status:
+        print(fields["Cpus_allowed_list"].strip())
+"""
+
+
 def listening_ports() -> set[int]:
     """The TCP ports in LISTEN state, from /proc/net (a probe by connecting would start a
     socket-activated service)."""
@@ -174,6 +191,12 @@ def test_installed_package_serves_mail(box: Container) -> None:
         )  # fmt: skip
         assert sent.returncode == 0, sent.stdout + sent.stderr
         assert re.search(r"<-  250 2\.0\.0 ", sent.stdout.split("DATA", 1)[1]), sent.stdout
+
+    with phase("port 25's workers keep to a CPU each (the unit's seccomp filter lets them)"):
+        cpus = box.run("python3", "-c", WORKER_CPUS).stdout.split()
+        if box.run("nproc").stdout.strip() != "1":
+            assert len(cpus) >= 2 and all("," not in c and "-" not in c for c in cpus), cpus
+            assert len(set(cpus)) == len(cpus), cpus
 
     with phase("read: IMAPS 993 and POP3S 995"):
         assert "e2e inbound" in imap_subjects()
