@@ -595,10 +595,27 @@ def _address(chunk: list[_Tok]) -> Value | None:
     ]
 
 
+# One mailbox as nearly every message writes it: a dot-atom address, bare or in angle brackets
+# after a display name of plain atoms. Read by this expression, it gives what the tokens give.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_SIMPLE_MAILBOX = re.compile(
+    rf"[ \t\r\n]*(?:(?:((?:{_ATEXT}[ \t\r\n]+)*{_ATEXT})[ \t\r\n]*)?<({_DOT_ATOM})@({_DOT_ATOM})>"
+    rf"|({_DOT_ATOM})@({_DOT_ATOM}))[ \t\r\n]*"
+)
+
+
 def _addresses(value: str | None) -> Value:
     """The ENVELOPE address list of a header value; None when absent or empty (RFC 9051 7.5.2)."""
     if value is None:
         return None
+    simple = _SIMPLE_MAILBOX.fullmatch(value)
+    if simple is not None:
+        name, local, domain, bare_local, bare_domain = simple.groups()
+        if local is None:
+            local, domain = bare_local, bare_domain
+        words = " ".join(name.split()) if name else None  # one space where there was any
+        return [Adjacent(([words, None, local, domain],))]
     out: list[Value] = []
     chunk: list[_Tok] = []
     in_group = angle = False

@@ -6,7 +6,9 @@ Values the real store chooses (UIDVALIDITY, mod-sequences, dates) are matched wi
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -385,3 +387,43 @@ def test_parsed_items_go_with_their_message(store: MailStore) -> None:
     store.expunge("INBOX")
     assert store.cached_items("INBOX", [1, 2], ["ENVELOPE"]) == {(2, "ENVELOPE"): b"ENVELOPE (2)"}
     assert store._index.conn.execute("SELECT count(*) FROM derived").fetchone() == (1,)
+
+
+def test_sessions_fetching_the_same_envelopes_share_the_parsing_without_waiting(
+    store: MailStore,
+) -> None:
+    """While one session parses message 1 (held here), another fetching 1:5 parses 2 to 5
+    first instead of waiting on message 1 (``_warm_derived``), then takes message 1's
+    envelope from the first: every message is parsed once, and nothing waits in step."""
+    fill(store, 5)
+    held = threading.Event()
+    holding = threading.Event()
+    parsed: list[bytes] = []
+
+    def parse(raw: bytes) -> Message:
+        if b"Subject: Message 1\r\n" in raw and not holding.is_set():
+            holding.set()
+            assert held.wait(5)
+        parsed.append(raw)
+        return Message(raw)
+
+    cache = SharedCache()
+    first, second = (conversation(store, shared_cache=cache, parse_message=parse) for _ in "ab")
+    for conv in (first, second):
+        conv.send(b"a SELECT INBOX\r\n")
+        conv.pending.clear()
+    with ThreadPoolExecutor(2) as pool:
+        one = pool.submit(first.send, b"f FETCH 1 (ENVELOPE)\r\n")
+        assert holding.wait(5)
+        five = pool.submit(second.send, b"f FETCH 1:5 (ENVELOPE)\r\n")
+        deadline = time.monotonic() + 5
+        while len(parsed) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(parsed) == 4 and not five.done()  # 2 to 5 parsed, message 1 still held
+        held.set()
+        one.result(5)
+        five.result(5)
+    assert len(parsed) == 5
+    for conv, count in ((first, 1), (second, 5)):
+        assert sum(" FETCH (ENVELOPE (" in line for line in conv.pending) == count
+        assert conv.pending[-1] == "f OK FETCH completed"

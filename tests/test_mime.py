@@ -581,3 +581,35 @@ if __name__ == "__main__":
         _regenerate()
     else:
         print("usage: python -m tests.test_mime --regenerate", file=sys.stderr)
+
+
+def test_the_usual_mailbox_read_by_the_expression_gives_what_the_tokens_give(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``_addresses`` reads ``Name <a@b>`` and ``a@b`` with one regular expression; for every
+    value it accepts, the answer must be the tokenizer's, and odd values must still parse."""
+
+    def both(value: str) -> tuple[object, object]:
+        quick = mime._addresses(value)
+        with monkeypatch.context() as patch:
+            patch.setattr(mime, "_SIMPLE_MAILBOX", mime.re.compile(r"(?!)"))  # never matches
+            slow = mime._addresses(value)
+        return quick, slow
+
+    rnd = random.Random(9051)
+    pieces = ["a", "Bob", "x.y", "@", "<", ">", " ", "\t", "\r\n ", '"q s"', "(c)", ",", ":",
+              ";", ".", "é", "=?utf-8?q?x?=", "ex.test", "[1.2.3.4]", "\\", "-", "+tag"]  # fmt: skip
+    taken = 0
+    for _ in range(40_000):
+        value = "".join(rnd.choice(pieces) for _ in range(rnd.randrange(1, 9)))
+        if rnd.random() < 0.5:
+            name = rnd.choice(["", "Name ", "A B  ", " ", "\tX\r\n Y ", "J. Doe "])
+            spec = rnd.choice(["u", "a.b", "x+y", "a..b"]) + "@" + rnd.choice(["d.t", "d", "e-x."])
+            value = name + "<" + spec + ">" + rnd.choice(["", " ", "\t", "x", ","])
+        taken += mime._SIMPLE_MAILBOX.fullmatch(value) is not None
+        quick, slow = both(value)
+        assert quick == slow, value
+    assert taken > 5_000  # the expression was tried on many, not just a few
+    assert both("Sender 70 <sender70@elsewhere.test>")[0] == [
+        mime.Adjacent((["Sender 70", None, "sender70", "elsewhere.test"],))
+    ]

@@ -1772,6 +1772,7 @@ class IMAPSession:
         derived = [i.name for i in items if _is_derived(i)]
         if derived:
             self._load_derived(box, uids, derived)
+            self._warm_derived(box, uids, derived)
         try:
             for u in uids:
                 if len(out) > self.config.max_fetch_response:
@@ -1893,24 +1894,49 @@ class IMAPSession:
     def _derived(self, box: Mailbox, uid: int, info: MessageInfo, name: str) -> bytes:
         """ENVELOPE, BODYSTRUCTURE or BODY of a message, through the process's cache (filled
         from the index by ``_load_derived``; what this thread computes goes to the index)."""
-
-        def compute() -> bytes:
-            parsed = self._parsed(uid)
-            value = (
-                parsed.envelope()
-                if name == "ENVELOPE"
-                else parsed.bodystructure()
-                if name == "BODYSTRUCTURE"
-                else parsed.body()
-            )
-            encoded = name.encode() + b" " + self._enc(value)
-            self.computed[(uid, self._item_name(name))] = encoded
-            return encoded
-
         shared = self.config.shared_cache
         if shared is None or self.user is None:
-            return compute()
-        return shared.get_or_compute(self._derived_key(box, uid, info, name), compute)
+            return self._compute_derived(uid, name)
+        return shared.get_or_compute(
+            self._derived_key(box, uid, info, name),
+            functools.partial(self._compute_derived, uid, name),
+        )
+
+    def _compute_derived(self, uid: int, name: str) -> bytes:
+        """ENVELOPE, BODYSTRUCTURE or BODY of a message, parsed here and encoded as sent; also
+        kept in ``computed``, for the index."""
+        parsed = self._parsed(uid)
+        value = (
+            parsed.envelope()
+            if name == "ENVELOPE"
+            else parsed.bodystructure()
+            if name == "BODYSTRUCTURE"
+            else parsed.body()
+        )
+        encoded = name.encode() + b" " + self._enc(value)
+        self.computed[(uid, self._item_name(name))] = encoded
+        return encoded
+
+    def _warm_derived(self, box: Mailbox, uids: Sequence[int], names: list[str]) -> None:
+        """Compute the derived items of ``uids`` that no other session is computing right now,
+        waiting for none (``SharedCache.fill``). Ten clients fetching the same envelopes at
+        once then each parse a tenth of the messages, instead of walking them in step, nine
+        waiting on the one that parses each message and woken together when it is done."""
+        shared = self.config.shared_cache
+        if shared is None or self.user is None:
+            return
+        for uid in uids:
+            info = box.info(uid)
+            if info is None:
+                continue
+            for name in names:
+                try:
+                    shared.fill(
+                        self._derived_key(box, uid, info, name),
+                        functools.partial(self._compute_derived, uid, name),
+                    )
+                except MessageGoneError:  # the FETCH itself says so
+                    break
 
     def _derived_key(
         self, box: Mailbox, uid: int, info: MessageInfo, name: str

@@ -61,6 +61,11 @@ def _utf8_quotable(data: bytes) -> bool:
 
 def encode(value: Value, *, utf8: bool = False) -> bytes:
     """The IMAP text of ``value`` (see the module docstring)."""
+    # The common kinds first, by exact type (an ENVELOPE is some thirty values).
+    if type(value) is str:
+        return quoted_or_literal(value.encode("utf-8"), utf8=utf8)
+    if type(value) is list or type(value) is tuple:
+        return b"(" + b" ".join([encode(v, utf8=utf8) for v in value]) + b")"
     if value is None:
         return b"NIL"
     if isinstance(value, bool):  # bool is an int; never meant here
@@ -74,8 +79,8 @@ def encode(value: Value, *, utf8: bool = False) -> bytes:
     if isinstance(value, bytes):
         return quoted_or_literal(value, utf8=utf8)
     if isinstance(value, Adjacent):
-        return b"".join(encode(v, utf8=utf8) for v in value.values)
-    return b"(" + b" ".join(encode(v, utf8=utf8) for v in value) + b")"
+        return b"".join([encode(v, utf8=utf8) for v in value.values])
+    return b"(" + b" ".join([encode(v, utf8=utf8) for v in value]) + b")"
 
 
 def encode_list(values: Iterable[Value], *, utf8: bool = False) -> bytes:
