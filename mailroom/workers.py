@@ -9,9 +9,9 @@ What this module owns:
 - ``run_workers(n, child)``: forks ``n`` workers that each run ``child()`` (their own asyncio
   loop accepting on the same listening sockets: the kernel hands each connection to one of
   them), if asked each kept to one of the CPUs this process may use (worker ``i`` on the
-  ``i``-th, round robin), and supervises them: SIGTERM/SIGINT are passed on, a worker that crashed while the
-  others serve is started again (at most ``RESTARTS`` a minute), and the parent exits when
-  every worker has exited, with the first failure's status.
+  ``i``-th, round robin), and supervises them: SIGTERM/SIGINT are passed on, a worker that
+  crashed while the others serve is started again (at most ``RESTARTS`` a minute), and the
+  parent exits when every worker has exited, with the first failure's status.
 
 Why one CPU per worker (port 25 asks for it): a worker's event loop and its threads (Maildir
 deliveries, their fsyncs) hand the interpreter lock to each other many times a message. On
