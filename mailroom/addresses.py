@@ -18,6 +18,10 @@ from mailroom.errors import InvalidNameError
 PLUS = "+"
 MAX_LOCALPART = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 253
+# RFC 5322 3.2.3: atext, and a dot-atom of it, as regular-expression text: the quick readers
+# of the usual SMTP path, From: field and ENVELOPE mailbox are built on them.
+ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+DOT_ATOM = rf"{ATEXT}(?:\.{ATEXT})*"
 _LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _LOCAL_PUNCT = frozenset("._-+")
 

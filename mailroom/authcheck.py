@@ -45,6 +45,7 @@ from functools import lru_cache
 from typing import Any, Protocol, TypeVar
 
 from mailroom import psl
+from mailroom.addresses import ATEXT, DOT_ATOM
 from mailroom.config import InboundAction, InboundSettings
 from mailroom.psl import PublicSuffixList
 from mailroom.resolver import DnsPermanentError, DnsTemporaryError
@@ -765,9 +766,8 @@ _FROM_FIELD = re.compile(rb"(?im)^from[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)") 
 
 # A From: field as nearly every sender writes it: one address, bare or in angle brackets after
 # a display name of atoms and quoted strings. Anything else goes to email's full parser.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_WORD = rf'(?:{_ATOM}|"[^"\\\r\n]*")'
-_ADDR_SPEC = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_WORD = rf'(?:{ATEXT}|"[^"\\\r\n]*")'
+_ADDR_SPEC = rf"{DOT_ATOM}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 _SIMPLE_FROM = re.compile(
     rf"[ \t]*(?:(?:{_WORD}(?:[ \t]+{_WORD})*[ \t]*)?<({_ADDR_SPEC})>|({_ADDR_SPEC}))[ \t]*"
 )

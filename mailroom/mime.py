@@ -53,6 +53,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 
+from mailroom.addresses import ATEXT, DOT_ATOM
 from mailroom.errors import UnknownTransferEncodingError
 from mailroom.imap.wire import Adjacent, Value
 
@@ -597,11 +598,9 @@ def _address(chunk: list[_Tok]) -> Value | None:
 
 # One mailbox as nearly every message writes it: a dot-atom address, bare or in angle brackets
 # after a display name of plain atoms. Read by this expression, it gives what the tokens give.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
 _SIMPLE_MAILBOX = re.compile(
-    rf"[ \t\r\n]*(?:(?:((?:{_ATEXT}[ \t\r\n]+)*{_ATEXT})[ \t\r\n]*)?<({_DOT_ATOM})@({_DOT_ATOM})>"
-    rf"|({_DOT_ATOM})@({_DOT_ATOM}))[ \t\r\n]*"
+    rf"[ \t\r\n]*(?:(?:((?:{ATEXT}[ \t\r\n]+)*{ATEXT})[ \t\r\n]*)?<({DOT_ATOM})@({DOT_ATOM})>"
+    rf"|({DOT_ATOM})@({DOT_ATOM}))[ \t\r\n]*"
 )
 
 

@@ -38,7 +38,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from mailroom import replies
 from mailroom.accounts import Accounts, User
 from mailroom.activation import Endpoint, Limits, serve
-from mailroom.addresses import Address, normalise_domain, parse_address
+from mailroom.addresses import DOT_ATOM, Address, normalise_domain, parse_address
 from mailroom.config import Settings
 from mailroom.errors import (
     ConfigError,
@@ -67,10 +67,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HTTP = re.compile(rb"^[A-Z]{3,7} \S+ HTTP/\d")  # a request line, as IMAP and POP3 check
 # A MAIL/RCPT path as nearly every client sends it: <dot-atom@host.name> and parameters after
 # optional blanks (not a comment). Anything else goes to aiosmtpd's full RFC 5322 parser.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _SIMPLE_PATH = re.compile(
-    rf"<({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*)>[ \t]*(?![ \t(])(.*)", re.DOTALL
+    rf"<({DOT_ATOM})@({_LABEL}(?:\.{_LABEL})*)>[ \t]*(?![ \t(])(.*)", re.DOTALL
 )
 
 
